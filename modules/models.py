@@ -1,0 +1,209 @@
+"""Stage-1 ArcFace models and the stage-2 Deep IoM hashing model, plus their weight loading."""
+import os
+import warnings
+
+import numpy as np
+import tensorflow as tf
+
+from modules.backbones import INSIGHT_UNITS, Backbone
+from modules.layers import (
+    ArcMarginPenaltyLogists,
+    IoMHead,
+    IoMProjection,
+    PermLayer,
+    iom_hidden_layers,
+)
+from modules.utils import UserError
+
+layers = tf.keras.layers
+
+# The stage-1 run the original code started stage 2 from, per backbone (config key stage1_sub_name).
+DEFAULT_STAGE1_RUN = {
+    'ResNet50': 'arc_res50',
+    'MobileNetV2': 'arc_mbv2',
+    'Insight_ResNet100': 'arc_Insight_ResNet100',
+    'Insight_ResNet50': 'arc_Insight_ResNet50',
+}
+DEFAULT_INSIGHT_WEIGHTS = {
+    'Insight_ResNet100': os.path.join('pre_models', 'resnet100', 'resnet100.npy'),
+    'Insight_ResNet50': os.path.join('pre_models', 'resnet50', 'resnet50.npy'),
+}
+
+
+def OutputLayer(in_shape, embd_shape=512, w_decay=5e-4, name='OutputLayer'):
+    """Embedding block after the backbone: BN, Dropout(0.5), Flatten, Dense(embd_shape, L2), BN."""
+    inputs = layers.Input(in_shape[1:])
+    x = layers.BatchNormalization(name='bn_in')(inputs)
+    x = layers.Dropout(0.5, name='dropout')(x)
+    x = layers.Flatten(name='flatten')(x)
+    x = layers.Dense(embd_shape, kernel_regularizer=tf.keras.regularizers.L2(w_decay),
+                     name='embedding')(x)
+    x = layers.BatchNormalization(name='bn_out')(x)
+    return tf.keras.Model(inputs, x, name=name)
+
+
+def NormHead(num_classes, w_decay=5e-4, name='NormHead'):
+    """Plain fully connected classification head (logits)."""
+    return layers.Dense(num_classes, kernel_regularizer=tf.keras.regularizers.L2(w_decay), name=name)
+
+
+def ArcFaceModel(size=None, channels=3, num_classes=None, name='arcface_model', margin=0.5,
+                 logist_scale=64, embd_shape=512, head_type='ArcHead', backbone_type='ResNet50',
+                 w_decay=5e-4, use_pretrain=True, training=False):
+    """ArcFace model: image -> embedding, or (image, label) -> logits when `training` is True."""
+    size = size or 112
+    inputs = layers.Input([size, size, channels], name='input_image')
+    backbone = Backbone(backbone_type, size, use_pretrain=use_pretrain, w_decay=w_decay)
+    features = backbone(inputs)
+    embds = OutputLayer(features.shape, embd_shape, w_decay)(features)
+    if not training:
+        return tf.keras.Model(inputs, embds, name=name)
+    if not num_classes:
+        raise ValueError('num_classes is required when training=True')
+    labels = layers.Input([], name='label', dtype='int64')
+    if head_type == 'ArcHead':
+        logits = ArcMarginPenaltyLogists(num_classes, margin=margin, logist_scale=logist_scale,
+                                         name='ArcHead')((embds, labels))
+    elif head_type == 'NormHead':
+        logits = NormHead(num_classes, w_decay)(embds)
+    else:
+        raise ValueError(f'head_type {head_type!r} is not a stage-1 head')
+    return tf.keras.Model((inputs, labels), logits, name=name)
+
+
+def arcface_from_config(cfg, training=False, use_pretrain=None):
+    """ArcFaceModel with every argument taken from a validated config."""
+    return ArcFaceModel(size=cfg['input_size'], num_classes=cfg['num_classes'] if training else None,
+                        margin=cfg['margin'], logist_scale=cfg['logist_scale'],
+                        embd_shape=cfg['embd_shape'], head_type=cfg['head_type'],
+                        backbone_type=cfg['backbone_type'], w_decay=cfg['w_decay'],
+                        use_pretrain=cfg['use_pretrain'] if use_pretrain is None else use_pretrain,
+                        training=training)
+
+
+def embedding_parts(model):
+    """The (backbone, OutputLayer) sub-models of an ArcFaceModel, training or not."""
+    nested = [layer for layer in model.layers if isinstance(layer, tf.keras.Model)]
+    return nested[0], model.get_layer('OutputLayer')
+
+
+def stage1_checkpoint(model, **extra):
+    """tf.train.Checkpoint over the parts of an ArcFaceModel that stage 2 reuses (and `extra`)."""
+    backbone, output_layer = embedding_parts(model)
+    return tf.train.Checkpoint(backbone=backbone, output_layer=output_layer, **extra)
+
+
+def latest_checkpoint(directory):
+    """Newest checkpoint prefix in `directory`, or None."""
+    return tf.train.latest_checkpoint(directory) if os.path.isdir(directory) else None
+
+
+def load_backbone_weights(arcface_model, cfg):
+    """Load the embedding model's weights: a stage-1 checkpoint, else pre-built Insight weights.
+
+    Returns a short description of what was loaded, or None (after a warning) if nothing was found.
+    """
+    run = cfg.get('stage1_sub_name') or DEFAULT_STAGE1_RUN[cfg['backbone_type']]
+    ckpt = latest_checkpoint(os.path.join('checkpoints', run))
+    if ckpt:
+        stage1_checkpoint(arcface_model).restore(ckpt).expect_partial()
+        return f'stage-1 checkpoint {ckpt}'
+    if cfg['backbone_type'] in INSIGHT_UNITS:
+        path = cfg.get('pretrained_weights') or DEFAULT_INSIGHT_WEIGHTS[cfg['backbone_type']]
+        if os.path.isfile(path):
+            from modules.weights import apply_identity_output_layer, load_npy_weights
+            backbone, output_layer = embedding_parts(arcface_model)
+            load_npy_weights(backbone, path)
+            apply_identity_output_layer(output_layer)
+            return f'pre-built weights {path}'
+        if cfg.get('pretrained_weights'):
+            raise UserError(f"pretrained_weights file not found: {path}")
+    warnings.warn(f"no stage-1 checkpoint in checkpoints/{run}/"
+                  + (f' and no pre-built weights at {DEFAULT_INSIGHT_WEIGHTS[cfg["backbone_type"]]}'
+                     if cfg['backbone_type'] in INSIGHT_UNITS else '')
+                  + ': the backbone has random weights.', stacklevel=2)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 2: Deep Index-of-Max hashing on top of the (frozen) embedding model.
+IOM_STACK = ('perm_layer', 'IoMProjection', 'IoMHead')
+
+
+def IoMFaceModel(cfg, arcface_model=None, perm_key=None, name='IoMface_model'):
+    """input_image -> arcface_model -> perm_layer -> [hidden] -> IoMProjection -> IoMHead.
+
+    With training=False it gives the integer Index-of-Max code (batch, m). Keras passes a
+    training=True call on to every nested layer, the embedding model's dropout included, so the
+    stage-2 trainer runs the frozen embedding model and the IoM stack (iom_stack_model) apart.
+    """
+    if arcface_model is None:
+        arcface_model = arcface_from_config(cfg, use_pretrain=False)
+    size = cfg['input_size']
+    inputs = layers.Input([size, size, 3], name='input_image')
+    x = arcface_model(inputs)
+    for layer in iom_layers(cfg, cfg.get('perm_key') if perm_key is None else perm_key):
+        x = layer(x)
+    return tf.keras.Model(inputs, x, name=name)
+
+
+def iom_layers(cfg, perm_key=None):
+    """New perm_layer, hidden layers, IoMProjection and IoMHead for a stage-2 config, in order."""
+    return ([PermLayer(perm_key, name='perm_layer')]
+            + iom_hidden_layers(cfg['hidden_layer_remark'])
+            + [IoMProjection(cfg['m'], cfg['q']),
+               IoMHead(cfg['m'], cfg['q'], T=cfg['T'], name='IoMHead')])
+
+
+def iom_stack_model(iom_model, embd_shape):
+    """Model from the embedding to the code that shares its layers with `iom_model`."""
+    start = [layer.name for layer in iom_model.layers].index('perm_layer')
+    inputs = layers.Input([embd_shape], name='embedding')
+    x = inputs
+    for layer in iom_model.layers[start:]:
+        x = layer(x)
+    return tf.keras.Model(inputs, x, name='iom_stack')
+
+
+def stage2_checkpoint(iom_model, **extra):
+    """tf.train.Checkpoint over the trainable IoM layers (the frozen backbone is not duplicated)."""
+    start = [layer.name for layer in iom_model.layers].index('perm_layer')
+    tracked = {f'layer_{i}': layer for i, layer in enumerate(iom_model.layers[start:])}
+    return tf.train.Checkpoint(**tracked, **extra)
+
+
+def load_iom_model(cfg, perm_key=None, verbose=True):
+    """Build the IoM model from a stage-2 config and load every weight it can find.
+
+    The embedding model comes from load_backbone_weights; the IoM layers from the newest checkpoint
+    in checkpoints/<sub_name>/. Missing IoM weights leave a random projection, with a warning.
+    """
+    arcface_model = arcface_from_config(cfg, use_pretrain=False)
+    source = load_backbone_weights(arcface_model, cfg)
+    model = IoMFaceModel(cfg, arcface_model, perm_key)
+    ckpt = latest_checkpoint(os.path.join('checkpoints', cfg['sub_name']))
+    if ckpt:
+        stage2_checkpoint(model).restore(ckpt).expect_partial()
+    else:
+        print(f"[*] Warning!!!! Cannot find ckpt from checkpoints/{cfg['sub_name']}, random weight "
+              'of IoM layer will be used.')
+    if verbose and source:
+        print(f'[*] embedding model loaded from {source}')
+    model.loaded_from = {'backbone': source, 'iom': ckpt}
+    return model
+
+
+def iom_codes(iom_model, embeddings, perm_key=None, batch_size=1024):
+    """Hash precomputed embeddings with the model's IoM layers, optionally under another key."""
+    start = [layer.name for layer in iom_model.layers].index('perm_layer')
+    stack = list(iom_model.layers[start:])
+    if perm_key is not None:
+        stack[0] = PermLayer(perm_key, name='perm_layer')
+    out = []
+    for begin in range(0, len(embeddings), batch_size):
+        x = tf.convert_to_tensor(embeddings[begin:begin + batch_size], tf.float32)
+        for layer in stack:
+            x = layer(x, training=False)
+        out.append(x.numpy())
+    return np.concatenate(out) if out else np.zeros((0, stack[-1].m), np.int32)
+

@@ -1,0 +1,267 @@
+"""Training infrastructure shared by both stages, and the stage-1 ArcFace training loop.
+
+Both stages use the same pieces: a tf.distribute strategy, an SGD optimizer whose `iterations`
+counter is the global step, a CheckpointManager that saves model + optimizer every `save_steps`
+(so a killed run resumes exactly where its last checkpoint was), TensorBoard scalars, a tqdm bar
+and a guard that stops on a non-finite loss without overwriting the last good checkpoint.
+"""
+import json
+import math
+import os
+import tempfile
+import time
+
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+from modules.utils import UserError, checkpoint_dir, log_dir
+
+
+def configure_devices(gpu=None, cpu_devices=None):
+    """Pick visible GPUs (`gpu` like '0,1'; '' for none) and optionally split the CPU into devices.
+
+    Must run before TensorFlow initialises its devices.
+    """
+    if gpu is not None:
+        os.environ['CUDA_VISIBLE_DEVICES'] = gpu
+    for device in tf.config.list_physical_devices('GPU'):
+        tf.config.experimental.set_memory_growth(device, True)
+    if cpu_devices and cpu_devices > 1:
+        cpu = tf.config.list_physical_devices('CPU')[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_devices)
+
+
+def get_strategy():
+    """MultiWorkerMirrored when TF_CONFIG is set, else Mirrored over the GPUs or the CPU devices."""
+    if os.environ.get('TF_CONFIG'):
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    gpus = tf.config.list_logical_devices('GPU')
+    devices = gpus or tf.config.list_logical_devices('CPU')
+    return tf.distribute.MirroredStrategy(devices=[d.name for d in devices])
+
+
+def is_chief(strategy):
+    """True on the worker that owns checkpoints and logs (always True outside multi-worker)."""
+    resolver = getattr(strategy.extended, '_cluster_resolver', None)
+    if resolver is None or not resolver.task_type:
+        return True
+    return resolver.task_type == 'chief' or (resolver.task_type == 'worker'
+                                             and resolver.task_id == 0
+                                             and 'chief' not in resolver.cluster_spec().as_dict())
+
+
+def learning_rate(cfg, total_steps):
+    """The config's learning rate: constant, step (x0.1 at each of lr_steps) or cosine decay."""
+    base = float(cfg['base_lr'])
+    if cfg['lr_schedule'] == 'step' and cfg['lr_steps']:
+        values = [base * 0.1 ** i for i in range(len(cfg['lr_steps']) + 1)]
+        return tf.keras.optimizers.schedules.PiecewiseConstantDecay(list(cfg['lr_steps']), values)
+    if cfg['lr_schedule'] == 'cosine':
+        return tf.keras.optimizers.schedules.CosineDecay(base, max(total_steps, 1))
+    return base
+
+
+def make_optimizer(cfg, total_steps):
+    """SGD with Nesterov momentum 0.9 on the config's learning rate."""
+    return tf.keras.optimizers.SGD(learning_rate=learning_rate(cfg, total_steps), momentum=0.9,
+                                   nesterov=True)
+
+
+class NonFiniteLoss(UserError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class RunState:
+    """Checkpointing, TensorBoard and progress reporting for one training run."""
+
+    def __init__(self, cfg, checkpoint, optimizer, strategy, total_steps, batch_size):
+        self.cfg = cfg
+        self.optimizer = optimizer
+        self.total_steps = total_steps
+        self.batch_size = batch_size
+        self.chief = is_chief(strategy)
+        directory = checkpoint_dir(cfg)
+        if not self.chief:  # other workers must write somewhere, but not over the chief's files
+            directory = tempfile.mkdtemp(prefix='ckpt_worker_')
+        self.manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=3)
+        self.restored = self.manager.latest_checkpoint
+        if self.restored:
+            checkpoint.restore(self.restored).assert_existing_objects_matched()
+        self.writer = tf.summary.create_file_writer(log_dir(cfg) if self.chief else
+                                                    tempfile.mkdtemp(prefix='logs_worker_'))
+        self.bar = None
+        self.started = None
+        self.images = 0
+
+    @property
+    def step(self):
+        """Global step: the optimizer's iteration counter, restored with the checkpoint."""
+        return int(self.optimizer.iterations.numpy())
+
+    def start(self):
+        """Open the progress bar; report where the run starts from."""
+        if self.restored:
+            print(f'[*] resumed from {self.restored} at step {self.step}')
+        else:
+            print(f'[*] training from scratch, checkpoints in {self.manager.directory}')
+        self.bar = tqdm(total=self.total_steps, initial=self.step, unit='step', dynamic_ncols=True,
+                        disable=not self.chief)
+        self.started = time.perf_counter()
+
+    def after_step(self, loss, scalars=None):
+        """Record one finished step: non-finite guard, bar, TensorBoard, periodic checkpoint."""
+        if not math.isfinite(loss):
+            self.close()
+            raise NonFiniteLoss(f'loss became {loss} at step {self.step}; stopped without '
+                                f'saving, last good checkpoint: {self.manager.latest_checkpoint}')
+        step = self.step
+        self.images += self.batch_size
+        rate = self.images / max(time.perf_counter() - self.started, 1e-9)
+        self.bar.set_postfix(loss=f'{loss:.4f}', img_s=f'{rate:.1f}', refresh=False)
+        self.bar.update(1)
+        with self.writer.as_default(step=step):
+            tf.summary.scalar('loss/total', loss)
+            tf.summary.scalar('images_per_second', rate)
+            lr = self.optimizer.learning_rate
+            tf.summary.scalar('learning_rate', float(lr.numpy() if hasattr(lr, 'numpy') else lr))
+            for name, value in (scalars or {}).items():
+                tf.summary.scalar(name, value)
+        if step % self.cfg['save_steps'] == 0 or step >= self.total_steps:
+            self.save()
+
+    def save(self):
+        """Write a checkpoint for the current step (if not already saved for it)."""
+        if self.manager.latest_checkpoint and self.manager.latest_checkpoint.endswith(
+                f'-{self.step}'):
+            return
+        self.manager.save(checkpoint_number=self.step)
+
+    def images_per_second(self):
+        """Mean training throughput since start()."""
+        return self.images / max(time.perf_counter() - self.started, 1e-9)
+
+    def close(self):
+        """Close the bar and flush the logs."""
+        if self.bar is not None:
+            self.bar.close()
+        self.writer.flush()
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 1: ArcFace / NormHead classification training.
+def stage1_total_steps(cfg):
+    """Number of optimizer steps of a stage-1 run (epochs x steps per epoch, or max_steps)."""
+    per_epoch = max(cfg['num_samples'] // cfg['batch_size'], 1)
+    total = cfg['epochs'] * per_epoch
+    return min(total, cfg['max_steps']) if cfg['max_steps'] else total
+
+
+def train_stage1(cfg, mode='eager_tf', strategy=None):
+    """Train the ArcFace model of `cfg` (mode 'eager_tf' or 'fit'); returns a summary dict."""
+    from modules.dataset import load_tfrecord_dataset
+    from modules.losses import softmax_loss
+    from modules.models import arcface_from_config, stage1_checkpoint
+
+    if mode not in ('eager_tf', 'fit'):
+        raise UserError(f"--mode must be 'eager_tf' or 'fit', got {mode!r}")
+    if not os.path.isfile(cfg['train_dataset']):
+        raise UserError(f"train_dataset not found: {cfg['train_dataset']} (convert the images "
+                        'with data/convert_train_binary_tfrecord.py first)')
+    strategy = strategy or get_strategy()
+    total_steps = stage1_total_steps(cfg)
+    global_batch = cfg['batch_size']
+    if global_batch % strategy.num_replicas_in_sync:
+        raise UserError(f"batch_size {global_batch} is not divisible by the "
+                        f'{strategy.num_replicas_in_sync} replicas')
+    with strategy.scope():
+        model = arcface_from_config(cfg, training=True)
+        optimizer = make_optimizer(cfg, total_steps)
+        optimizer.build(model.trainable_variables)
+        checkpoint = stage1_checkpoint(model, head=model.layers[-1], optimizer=optimizer)
+    state = RunState(cfg, checkpoint, optimizer, strategy, total_steps, global_batch)
+    dataset = load_tfrecord_dataset(cfg['train_dataset'], global_batch,
+                                    binary_img=cfg['binary_img'], is_ccrop=cfg['is_ccrop'],
+                                    buffer_size=cfg['shuffle_buffer'])
+    state.start()
+    try:
+        if state.step < total_steps:
+            if mode == 'eager_tf':
+                _stage1_custom_loop(model, optimizer, softmax_loss, dataset, strategy, state)
+            else:
+                _stage1_fit(model, optimizer, softmax_loss, dataset, strategy, state)
+            state.save()
+    finally:
+        state.close()
+    summary = {'step': state.step, 'images_per_second': state.images_per_second(),
+               'checkpoint': state.manager.latest_checkpoint}
+    print(json.dumps(summary))
+    return summary
+
+
+def _stage1_custom_loop(model, optimizer, softmax_loss, dataset, strategy, state):
+    global_batch = state.batch_size
+    dist_dataset = strategy.experimental_distribute_dataset(dataset)
+
+    def replica_step(images, labels):
+        with tf.GradientTape() as tape:
+            logits = model((images, labels), training=True)
+            per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
+                labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32))
+            pred_loss = tf.reduce_sum(per_example) / global_batch
+            reg_loss = tf.add_n(model.losses) if model.losses else 0.0
+            loss = pred_loss + reg_loss / strategy.num_replicas_in_sync
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss, pred_loss
+
+    @tf.function
+    def train_step(images, labels):
+        loss, pred = strategy.run(replica_step, args=(images, labels))
+        return (strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None),
+                strategy.reduce(tf.distribute.ReduceOp.SUM, pred, axis=None))
+
+    for images, labels in dist_dataset:
+        loss, pred = train_step(images, labels)
+        state.after_step(float(loss), {'loss/softmax': float(pred)})
+        if state.step >= state.total_steps:
+            break
+
+
+class _RunStateCallback(tf.keras.callbacks.Callback):
+    """Feeds Keras fit() batches into RunState (bar, TensorBoard, checkpoints, NaN guard)."""
+
+    def __init__(self, state):
+        super().__init__()
+        self.state = state
+        self.error = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        try:
+            self.state.after_step(float(logs['loss']))
+        except NonFiniteLoss as err:
+            self.error = err
+            self.model.stop_training = True
+        if self.state.step >= self.state.total_steps:
+            self.model.stop_training = True
+
+
+def _stage1_fit(model, optimizer, softmax_loss, dataset, strategy, state):
+    """Keras fit() over 'chunks' of save_steps steps, so a resumed run restarts on a boundary."""
+    chunk = state.cfg['save_steps']
+    with strategy.scope():
+        model.compile(optimizer=optimizer, loss=softmax_loss)
+    # fit() sees ((image, label), label): ArcHead needs the label as an input.
+    data = dataset.map(lambda x, y: ((x, y), y))
+    callback = _RunStateCallback(state)
+    model.fit(data, epochs=math.ceil(state.total_steps / chunk), initial_epoch=state.step // chunk,
+              steps_per_epoch=chunk, callbacks=[callback], verbose=0)
+    if callback.error is not None:
+        raise callback.error
+
+
+def set_seed(seed):
+    """Seed Python-side and TensorFlow randomness for a reproducible run."""
+    np.random.seed(seed)
+    tf.keras.utils.set_random_seed(seed)

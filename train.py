@@ -1,0 +1,24 @@
+"""Stage 1: train the ArcFace backbone described by a YAML config."""
+from absl import app, flags
+
+from modules.utils import cli_guard, load_config, quiet_tensorflow
+
+flags.DEFINE_string('cfg_path', './configs/arc_res50.yaml', 'config file path')
+flags.DEFINE_enum('mode', 'eager_tf', ['fit', 'eager_tf'],
+                  'fit: Keras model.fit; eager_tf: custom loop with tf.GradientTape in tf.function')
+flags.DEFINE_string('gpu', None, "GPUs to use, e.g. '0' or '0,1' (default: all visible)")
+FLAGS = flags.FLAGS
+
+
+@cli_guard
+def main(_):
+    """Load the config and run the stage-1 training loop."""
+    cfg = load_config(FLAGS.cfg_path)
+    quiet_tensorflow()
+    from modules.training import configure_devices, train_stage1
+    configure_devices(FLAGS.gpu)
+    train_stage1(cfg, FLAGS.mode)
+
+
+if __name__ == '__main__':
+    app.run(main)
