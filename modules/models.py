@@ -98,12 +98,13 @@ def latest_checkpoint(directory):
     return tf.train.latest_checkpoint(directory) if os.path.isdir(directory) else None
 
 
-def load_backbone_weights(arcface_model, cfg):
+def load_backbone_weights(arcface_model, cfg, run=None):
     """Load the embedding model's weights: a stage-1 checkpoint, else pre-built Insight weights.
 
-    Returns a short description of what was loaded, or None (after a warning) if nothing was found.
+    `run` names the stage-1 run (default: the config's stage1_sub_name, else the original's run
+    for the backbone). Returns what was loaded, or None (after a warning) if nothing was found.
     """
-    run = cfg.get('stage1_sub_name') or DEFAULT_STAGE1_RUN[cfg['backbone_type']]
+    run = run or cfg.get('stage1_sub_name') or DEFAULT_STAGE1_RUN[cfg['backbone_type']]
     ckpt = latest_checkpoint(os.path.join('checkpoints', run))
     if ckpt:
         stage1_checkpoint(arcface_model).restore(ckpt).expect_partial()
@@ -207,3 +208,17 @@ def iom_codes(iom_model, embeddings, perm_key=None, batch_size=1024):
         out.append(x.numpy())
     return np.concatenate(out) if out else np.zeros((0, stack[-1].m), np.int32)
 
+
+
+def iom_hasher(iom_model, is_flip=False):
+    """Callable mapping an image batch to IoM codes; flip TTA sums the two float embeddings first."""
+    arcface_model = iom_model.get_layer('arcface_model')
+    stack = iom_stack_model(iom_model, arcface_model.output.shape[-1])
+
+    def hash_images(images):
+        embds = arcface_model(images, training=False)
+        if is_flip:
+            embds = embds + arcface_model(tf.image.flip_left_right(images), training=False)
+        return stack(embds, training=False)
+
+    return hash_images

@@ -265,3 +265,206 @@ def set_seed(seed):
     """Seed Python-side and TensorFlow randomness for a reproducible run."""
     np.random.seed(seed)
     tf.keras.utils.set_random_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 2: Deep IoM hashing on the frozen embedding model.
+def stage2_batch(cfg):
+    """PK batch size (classes_per_batch x samples_per_class); it must equal batch_size."""
+    batch = cfg['classes_per_batch'] * cfg['samples_per_class']
+    if cfg['batch_size'] != batch:
+        raise UserError(f"batch_size is {cfg['batch_size']} but a stage-2 batch holds "
+                        f"classes_per_batch x samples_per_class = {batch} images; set batch_size: "
+                        f'{batch}')
+    return batch
+
+
+class Stage2Model:
+    """The pieces stage 2 trains: frozen embedding model + IoM layers (shared with `iom_model`)."""
+
+    def __init__(self, cfg):
+        from modules.models import IoMFaceModel, arcface_from_config, load_backbone_weights
+        self.arcface_model = arcface_from_config(cfg, use_pretrain=False)
+        self.backbone_source = load_backbone_weights(self.arcface_model, cfg)
+        self.arcface_model.trainable = False
+        self.iom_model = IoMFaceModel(cfg, self.arcface_model)
+        start = [layer.name for layer in self.iom_model.layers].index('perm_layer')
+        self.stack = self.iom_model.layers[start:]
+        self.head = self.stack[-1]
+        self.w_decay = cfg['w_decay']
+
+    @property
+    def trainable_variables(self):
+        """Weights of the IoM layers (the embedding model is frozen)."""
+        return [v for layer in self.stack for v in layer.trainable_variables]
+
+    def logits(self, embeddings, training):
+        """IoM projection output (batch, m*q) for embeddings."""
+        x = embeddings
+        for layer in self.stack[:-1]:
+            x = layer(x, training=training)
+        return x
+
+    def codes(self, embeddings):
+        """Integer IoM codes for embeddings (inference)."""
+        return self.head(self.logits(embeddings, False), training=False)
+
+    def l2(self):
+        """w_decay * sum of squared IoM kernels."""
+        kernels = [v for v in self.trainable_variables if 'kernel' in v.path]
+        return self.w_decay * tf.add_n([tf.reduce_sum(tf.square(k)) for k in kernels])
+
+
+def _embedding_cache(cfg, net, paths, labels):
+    """Backbone embeddings of every training image, computed once and kept beside the checkpoints.
+
+    The cache is valid only while the backbone is frozen and the images are not augmented: it is
+    keyed by the backbone weights' source and the file list, and recomputed if either changes.
+    """
+    from modules.dataset import decode_image_files
+    from modules.evaluations import extract_embeddings
+    from modules.utils import atomic_output
+    key = json.dumps({'backbone': net.backbone_source, 'files': len(paths),
+                      'first': paths[0], 'last': paths[-1], 'ccrop': cfg['is_ccrop']})
+    path = os.path.join(checkpoint_dir(cfg), 'embedding_cache.npz')
+    if os.path.isfile(path):
+        with np.load(path, allow_pickle=False) as cached:
+            if str(cached['key']) == key:
+                print(f'[*] using cached embeddings {path}')
+                return cached['embeddings']
+    print(f'[*] computing backbone embeddings of {len(paths)} training images (once)')
+    images = decode_image_files(paths, cfg['input_size'])
+    embeddings = extract_embeddings(net.arcface_model, images, batch_size=cfg['eval_batch_size'],
+                                    is_ccrop=cfg['is_ccrop']).astype(np.float32)
+    with atomic_output(path) as fh:
+        np.savez(fh, key=np.array(key), embeddings=embeddings, labels=labels)
+    return embeddings
+
+
+def stage2_total_steps(cfg):
+    """Number of optimizer steps of a stage-2 run (epochs x num_samples / batch, or max_steps)."""
+    total = cfg['epochs'] * max(cfg['num_samples'] // stage2_batch(cfg), 1)
+    return min(total, cfg['max_steps']) if cfg['max_steps'] else total
+
+
+def train_stage2(cfg, strategy=None):
+    """Train the IoM layers of `cfg` on the frozen embedding model; returns a summary dict."""
+    from modules.dataset import list_identity_folders, load_pk_dataset, pk_index_batches
+    from modules.losses import IoMLoss
+    from modules.models import stage2_checkpoint
+
+    batch = stage2_batch(cfg)
+    strategy = strategy or get_strategy()
+    if cfg['classes_per_batch'] % strategy.num_replicas_in_sync:
+        raise UserError(f"classes_per_batch {cfg['classes_per_batch']} is not divisible by the "
+                        f'{strategy.num_replicas_in_sync} replicas')
+    total_steps = stage2_total_steps(cfg)
+    with strategy.scope():
+        net = Stage2Model(cfg)
+        optimizer = make_optimizer(cfg, total_steps)
+        optimizer.build(net.trainable_variables)
+        checkpoint = stage2_checkpoint(net.iom_model, optimizer=optimizer)
+    if net.backbone_source is None:
+        print('[*] Warning: stage 2 is training on a backbone with random weights.')
+    loss_fn = IoMLoss(cfg)
+    state = RunState(cfg, checkpoint, optimizer, strategy, total_steps, batch)
+    # A resumed run draws new PK batches instead of replaying the ones it already trained on.
+    seed = state.step
+
+    if cfg['cache_embeddings']:
+        paths, labels = list_identity_folders(cfg['train_dataset'], cfg['img_ext'])
+        embeddings = _embedding_cache(cfg, net, paths, labels)
+        labels = np.asarray(labels, np.int64)
+
+        def batches():
+            epoch = 0
+            while True:
+                for idx in pk_index_batches(labels, cfg['classes_per_batch'],
+                                            cfg['samples_per_class'], seed=seed + epoch):
+                    yield embeddings[idx], labels[idx]
+                epoch += 1
+
+        spec = (tf.TensorSpec([batch, embeddings.shape[1]], tf.float32),
+                tf.TensorSpec([batch], tf.int64))
+        dataset = tf.data.Dataset.from_generator(batches, output_signature=spec).prefetch(2)
+        embed = None
+    else:
+        dataset = load_pk_dataset(cfg['train_dataset'], cfg['classes_per_batch'],
+                                  cfg['samples_per_class'], img_ext=cfg['img_ext'],
+                                  is_ccrop=cfg['is_ccrop'], seed=seed)[0]
+        embed = net.arcface_model
+
+    def replica_step(inputs, labels):
+        embeddings = inputs if embed is None else embed(inputs, training=False)
+        with tf.GradientTape() as tape:
+            logits = net.logits(embeddings, training=True)
+            codes = net.head(logits, training=True)
+            probs = net.head.probabilities(logits)
+            total, terms = loss_fn(labels, codes, probs, net.l2())
+            scaled = total / strategy.num_replicas_in_sync
+        grads = tape.gradient(scaled, net.trainable_variables)
+        optimizer.apply_gradients(zip(grads, net.trainable_variables))
+        return total, terms
+
+    @tf.function
+    def train_step(inputs, labels):
+        total, terms = strategy.run(replica_step, args=(inputs, labels))
+        mean = tf.distribute.ReduceOp.MEAN
+        return (strategy.reduce(mean, total, axis=None),
+                {k: strategy.reduce(mean, v, axis=None) for k, v in terms.items()})
+
+    evaluator = Stage2Evaluator(cfg, net) if cfg['eval_steps'] else None
+    state.start()
+    try:
+        for inputs, labels in strategy.experimental_distribute_dataset(dataset):
+            if state.step >= total_steps:
+                break
+            total, terms = train_step(inputs, labels)
+            state.after_step(float(total), {f'loss/{k}': float(v) for k, v in terms.items()})
+            if evaluator and state.step % cfg['eval_steps'] == 0:
+                evaluator.run(state)
+        state.save()
+    finally:
+        state.close()
+    summary = {'step': state.step, 'checkpoint': state.manager.latest_checkpoint,
+               'images_per_second': state.images_per_second(),
+               'steps_per_second': state.images_per_second() / batch}
+    if evaluator:
+        summary['eval'] = evaluator.last
+    print(json.dumps(summary))
+    return summary
+
+
+class Stage2Evaluator:
+    """Periodic verification of the current IoM codes (Hamming) on the test sets.
+
+    The embedding model is frozen, so the test images' embeddings are computed once.
+    """
+
+    def __init__(self, cfg, net):
+        from modules.evaluations import extract_embeddings, get_val_data
+        self.net = net
+        self.q = cfg['q']
+        self.embeddings = {}
+        for name, (images, issame) in get_val_data(cfg['test_dataset']).items():
+            emb = extract_embeddings(net.arcface_model, images, batch_size=cfg['eval_batch_size'],
+                                     is_flip=cfg['is_flip'], is_ccrop=cfg['is_ccrop'])
+            self.embeddings[name] = (emb.astype(np.float32), issame)
+        self.last = None
+
+    def run(self, state):
+        """Evaluate, log to TensorBoard (metrics and code histogram) and keep the result."""
+        from modules.evaluations import pair_distances, verification_metrics
+        results = {}
+        with state.writer.as_default(step=state.step):
+            for name, (emb, issame) in self.embeddings.items():
+                codes = self.net.codes(tf.constant(emb)).numpy()
+                metrics = verification_metrics(
+                    pair_distances(codes[0::2], codes[1::2], 'Hamming', q=self.q), issame)
+                results[name] = {k: float(metrics[k]) for k in ('accuracy', 'eer', 'auc')}
+                for k, v in results[name].items():
+                    tf.summary.scalar(f'eval/{name}/{k}', v)
+                tf.summary.histogram(f'codes/{name}', codes)
+        self.last = results
+        state.bar.write(f'[eval step {state.step}] ' + ', '.join(
+            f"{n}: acc {r['accuracy']:.4f} eer {r['eer']:.4f}" for n, r in results.items()))

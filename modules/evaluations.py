@@ -1,0 +1,714 @@
+"""Evaluation engine: verification-set readers, code distances, verification and retrieval metrics,
+embedding extraction and reports.
+
+Every script measures through `evaluate_verification` / `evaluate_retrieval`, so one protocol is
+used everywhere:
+
+- Verification: pair i is images 2i and 2i+1; a pair is predicted "same" when its distance is
+  strictly below the threshold. Accuracy follows the 10-fold protocol (KFold without shuffling
+  over pairs: the best threshold of the other nine folds is applied to the held-out fold); EER, AUC
+  and TAR@FAR come from the ROC over all pairs (score = -distance).
+- Retrieval: every item queries all the others; mAP and CMC rank-1/5/10.
+"""
+import json
+import os
+import pickle
+import sys
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from modules.utils import UserError, atomic_output, atomic_path
+
+IMAGE_SIZE = 112
+VAL_SETS = ('lfw', 'agedb_30', 'cfp_fp')
+# face.evoLVe folder holding each set's bcolz carray and its `<name>_list.npy`.
+_BCOLZ_FOLDERS = {'lfw': 'lfw_align_112', 'agedb_30': 'agedb_align_112', 'cfp_fp': 'cfp_align_112'}
+_DISPLAY_NAMES = {'lfw': 'LFW', 'agedb_30': 'AgeDB30', 'cfp_fp': 'CFP-FP'}
+MEASURES = ('cosine', 'Euclidean', 'Hamming', 'Jaccard', 'LUT')
+_CODE_MEASURES = ('Hamming', 'Jaccard', 'LUT')
+TAR_FARS = (1e-3, 1e-4)
+DEFAULT_NUM_THRESHOLDS = 400
+# face.evoLVe's test-time crop resizes 112 -> 128 and keeps the central 112: the same field of view
+# as cropping the central 112 * 112 / 128 = 98 pixels and resizing them back to 112.
+CCROP_SIZE = 98
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers
+class _BoolDtypeToken:
+    """Stand-in for the `numpy.dtype('b1')` a pickle rebuilds; its state never reaches numpy."""
+
+    def __setstate__(self, state):
+        if not isinstance(state, tuple):
+            raise pickle.UnpicklingError('unexpected dtype state')
+
+
+def _safe_dtype(spec, align=False, copy=False):
+    if isinstance(spec, bytes):
+        spec = spec.decode('ascii', 'replace')
+    if spec not in ('b1', '?'):
+        raise pickle.UnpicklingError(f'numpy dtype {spec!r} (only the bool dtype is admitted)')
+    return _BoolDtypeToken()
+
+
+def _safe_scalar(dtype, data=b''):
+    if not isinstance(dtype, _BoolDtypeToken):
+        raise pickle.UnpicklingError('numpy scalar of a dtype other than bool')
+    if isinstance(data, str):  # a Python 2 pickle read with encoding='latin1'
+        data = data.encode('latin-1')
+    if not isinstance(data, bytes) or len(data) != 1:
+        raise pickle.UnpicklingError('malformed numpy bool scalar')
+    return data != b'\x00'
+
+
+def _safe_codecs_encode(text, encoding='utf-8', errors='strict'):
+    # Python 3 pickles bytes with protocol < 3 as _codecs.encode(str, 'latin1'); nothing else.
+    if not isinstance(text, str) or encoding not in ('latin1', 'latin-1'):
+        raise pickle.UnpicklingError('_codecs.encode is admitted only for latin1 strings')
+    return text.encode('latin-1')
+
+
+_BIN_GLOBALS = {
+    ('numpy.core.multiarray', 'scalar'): _safe_scalar,
+    ('numpy._core.multiarray', 'scalar'): _safe_scalar,
+    ('numpy', 'dtype'): _safe_dtype,
+    ('_codecs', 'encode'): _safe_codecs_encode,
+}
+
+
+class _BinUnpickler(pickle.Unpickler):
+    """Unpickler for InsightFace .bin files: admits only bool-scalar and bytes helpers."""
+
+    def __init__(self, fh, path):
+        super().__init__(fh, encoding='bytes')
+        self._path = path
+
+    def find_class(self, module, name):
+        """Return a vetted stand-in for an admitted global; refuse every other global."""
+        try:
+            return _BIN_GLOBALS[(module, name)]
+        except KeyError:
+            raise UserError(f'{self._path}: refusing to load global {module}.{name}: a '
+                            'verification .bin holds only encoded images and booleans') from None
+
+    def persistent_load(self, pid):
+        """Refuse persistent ids: a .bin never uses them."""
+        raise UserError(f'{self._path}: refusing a persistent id in the pickle')
+
+
+def _as_bool_list(values, what):
+    """Booleans (Python or numpy) to a bool array; anything else is an error."""
+    arr = np.asarray(values)
+    if arr.ndim != 1:
+        raise UserError(f'{what}: the pair list must be 1-D, got shape {arr.shape}')
+    if arr.dtype == bool:
+        return arr
+    if arr.dtype.kind in 'iu' and np.isin(arr, (0, 1)).all():
+        return arr.astype(bool)
+    raise UserError(f'{what}: the pair list must hold booleans, got dtype {arr.dtype}')
+
+
+def _check_counts(n_images, issame, what):
+    if len(issame) == 0:
+        raise UserError(f'{what}: no pairs')
+    if n_images != 2 * len(issame):
+        raise UserError(f'{what}: {n_images} images for {len(issame)} pairs; a verification set '
+                        'needs exactly two images per pair')
+
+
+def _read_bcolz(data_dir, list_path):
+    import bcolz  # imported here: only the face.evoLVe layout needs it
+
+    if not os.path.isfile(list_path):
+        raise UserError(f'{data_dir}: found the image array but not its pair list {list_path}')
+    try:
+        issame = np.load(list_path, allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise UserError(f'{list_path}: not a readable boolean .npy array ({err})') from None
+    issame = _as_bool_list(issame, list_path)
+    try:
+        carray = bcolz.carray(rootdir=data_dir, mode='r')
+    except Exception as err:  # bcolz raises a variety of types for a damaged directory
+        raise UserError(f'{data_dir}: not a readable bcolz carray ({err})') from None
+    shape, dtype = tuple(carray.shape), np.dtype(carray.dtype)
+    if len(shape) != 4 or shape[1:] != (3, IMAGE_SIZE, IMAGE_SIZE):
+        raise UserError(f'{data_dir}: images must have shape (2N, 3, {IMAGE_SIZE}, {IMAGE_SIZE}), '
+                        f'got {shape}')
+    if dtype.kind != 'f':
+        raise UserError(f'{data_dir}: images must be float (values in [-1, 1]), got {dtype}')
+    _check_counts(shape[0], issame, data_dir)
+    images = np.empty((shape[0], IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
+    step = 512  # bounded chunks: the whole set never exists twice in memory
+    for start in range(0, shape[0], step):
+        block = np.asarray(carray[start:start + step], dtype=np.float32)
+        # NCHW BGR in [-1, 1] -> NHWC RGB in [0, 1]
+        images[start:start + step] = block[:, ::-1].transpose(0, 2, 3, 1) * 0.5 + 0.5
+    return images, issame
+
+
+def _decode_image(buf, index, path):
+    """Decode one encoded image to RGB float32 in [0, 1] at 112x112."""
+    if isinstance(buf, (bytearray, memoryview)):
+        buf = bytes(buf)
+    if not isinstance(buf, bytes):
+        raise UserError(f'{path}: image {index} is a {type(buf).__name__}, not encoded bytes')
+    img = None
+    if buf:
+        img = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise UserError(f'{path}: image {index} cannot be decoded')
+    if img.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE):
+        img = cv2.resize(img, (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_AREA)
+    return img[:, :, ::-1].astype(np.float32) / 255.0
+
+
+def _read_bin(path):
+    try:
+        with open(path, 'rb') as fh:
+            content = _BinUnpickler(fh, path).load()
+    except UserError:
+        raise
+    except Exception as err:  # a corrupt pickle raises many different types
+        raise UserError(f'{path}: not a valid verification .bin ({type(err).__name__}: '
+                        f'{err})') from None
+    if not (isinstance(content, (tuple, list)) and len(content) == 2):
+        raise UserError(f'{path}: expected a pickle of (encoded images, pair booleans)')
+    bins, issame = content
+    if not isinstance(bins, (list, tuple)):
+        raise UserError(f'{path}: the first item must be a list of encoded images')
+    issame = _as_bool_list(list(issame) if isinstance(issame, (list, tuple)) else issame, path)
+    _check_counts(len(bins), issame, path)
+    images = np.empty((len(bins), IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
+    for i, buf in enumerate(tqdm(bins, desc=os.path.basename(path), leave=False)):
+        images[i] = _decode_image(buf, i, path)
+    return images, issame
+
+
+def _set_paths(root, name):
+    folder = _BCOLZ_FOLDERS[name]
+    data_dir = os.path.join(root, folder, name)
+    list_path = os.path.join(root, folder, f'{name}_list.npy')
+    bin_path = os.path.join(root, f'{name}.bin')
+    return data_dir, list_path, bin_path
+
+
+def load_verification_set(root, name):
+    """Read one verification set (bcolz or .bin layout) as (RGB [0, 1] images, pair booleans)."""
+    if name not in VAL_SETS:
+        raise UserError(f'unknown verification set {name!r}; expected one of {", ".join(VAL_SETS)}')
+    data_dir, list_path, bin_path = _set_paths(root, name)
+    # The face.evoLVe layout wins when both are present: it needs no decoding.
+    if os.path.isdir(data_dir):
+        return _read_bcolz(data_dir, list_path)
+    if os.path.isfile(bin_path):
+        return _read_bin(bin_path)
+    raise UserError(f'verification set {name!r} not found under {root}: looked for the bcolz '
+                    f'directory {data_dir} (with {list_path}) and for {bin_path}')
+
+
+def get_val_data(root):
+    """Read LFW, AgeDB-30 and CFP-FP under `root`: dict name -> (images, issame)."""
+    if not os.path.isdir(root):
+        raise UserError(f'verification data root not found: {root}')
+    return {name: load_verification_set(root, name) for name in VAL_SETS}
+
+
+def load_identity_folders(root, img_ext='jpg'):
+    """Read a one-folder-per-identity set: (RGB [0, 1] images, int labels, class names).
+
+    Folders without any `*.<img_ext>` file are skipped; labels index the returned class names
+    (sorted folder names).
+    """
+    if not os.path.isdir(root):
+        raise UserError(f'identity-folder root not found or not a directory: {root}')
+    suffix = '.' + img_ext.lower().lstrip('.')
+    files, labels, names = [], [], []
+    for folder in sorted(os.listdir(root)):
+        folder_path = os.path.join(root, folder)
+        if not os.path.isdir(folder_path):
+            continue
+        found = sorted(f for f in os.listdir(folder_path) if f.lower().endswith(suffix)
+                       and os.path.isfile(os.path.join(folder_path, f)))
+        if not found:
+            continue
+        files += [os.path.join(folder_path, f) for f in found]
+        labels += [len(names)] * len(found)
+        names.append(folder)
+    if not files:
+        raise UserError(f'{root}: no identity folder holds any *{suffix} image')
+    images = np.empty((len(files), IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
+    for i, path in enumerate(tqdm(files, desc=os.path.basename(root.rstrip(os.sep)),
+                                  leave=False)):
+        try:
+            with open(path, 'rb') as fh:
+                buf = fh.read()
+        except OSError as err:
+            raise UserError(f'{path}: cannot read image ({err.strerror})') from None
+        images[i] = _decode_image(buf, i, path)
+    return images, np.asarray(labels, np.int64), names
+
+
+# ---------------------------------------------------------------------------------------------
+# Distances
+def _check_measure(measure):
+    if measure not in MEASURES:
+        raise UserError(f'unknown distance measure {measure!r}; expected one of '
+                        + ', '.join(MEASURES))
+
+
+def _as_2d(x, what):
+    arr = np.asarray(x)
+    if arr.ndim != 2:
+        raise UserError(f'{what} must be a 2-D array (items, features), got shape {arr.shape}')
+    if arr.dtype.kind not in 'biuf':
+        raise UserError(f'{what} must be numeric, got dtype {arr.dtype}')
+    if arr.dtype.kind == 'f' and not np.isfinite(arr).all():
+        raise UserError(f'{what} contain NaN or infinite values')
+    return arr
+
+
+def _as_codes(x, measure, q, what):
+    """Integer IoM codes in [0, q); float arrays are accepted when they hold whole numbers."""
+    arr = _as_2d(x, what)
+    if arr.dtype.kind == 'f':
+        rounded = np.rint(arr)
+        if not np.array_equal(rounded, arr):
+            raise UserError(f'{what}: measure {measure!r} needs integer IoM codes, '
+                            'got non-integer values')
+        arr = rounded
+    arr = arr.astype(np.int64)
+    if arr.size and arr.min() < 0:
+        raise UserError(f'{what}: IoM codes must be >= 0, got {arr.min()}')
+    if q is not None and arr.size and arr.max() >= q:
+        raise UserError(f'{what}: IoM codes must be < q={q}, got {arr.max()}')
+    return arr
+
+
+def _lut_bits(q):
+    if q is None or int(q) != q or q < 2 or (int(q) & (int(q) - 1)):
+        raise UserError(f"measure 'LUT' needs q, a power of 2 >= 2; got q={q}")
+    return int(q).bit_length() - 1
+
+
+def _check_pair_shapes(a, b):
+    if a.shape[1] != b.shape[1]:
+        raise UserError(f'cannot compare {a.shape[1]}-d with {b.shape[1]}-d embeddings/codes')
+
+
+def _l2_normalise(x):
+    x = np.asarray(x, np.float64)
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norm, 1e-12)
+
+
+def pair_distances(emb1, emb2, measure='Euclidean', q=None):
+    """Row-wise distance between two (N, d) arrays of embeddings or IoM codes."""
+    _check_measure(measure)
+    if measure == 'LUT':
+        _lut_bits(q)
+    if measure in _CODE_MEASURES:
+        a, b = _as_codes(emb1, measure, q, 'emb1'), _as_codes(emb2, measure, q, 'emb2')
+    else:
+        a, b = _as_2d(emb1, 'emb1'), _as_2d(emb2, 'emb2')
+    _check_pair_shapes(a, b)
+    if a.shape[0] != b.shape[0]:
+        raise UserError(f'pair_distances needs the same number of rows, got {a.shape[0]} and '
+                        f'{b.shape[0]}')
+    if measure == 'cosine':
+        return np.linalg.norm(_l2_normalise(a) - _l2_normalise(b), axis=1)
+    if measure == 'Euclidean':
+        return np.linalg.norm(np.asarray(a, np.float64) - np.asarray(b, np.float64), axis=1)
+    if measure == 'Hamming':
+        return np.count_nonzero(a != b, axis=1).astype(np.float64)
+    if measure == 'Jaccard':
+        # One-hot LUT: each code sets m of m*q bits; equal indices share their bit.
+        m = a.shape[1]
+        shared = np.count_nonzero(a == b, axis=1).astype(np.float64)
+        return 1.0 - shared / (2 * m - shared)
+    return np.bitwise_count(a ^ b).sum(axis=1).astype(np.float64)
+
+
+def _features(x, measure, q, what):
+    """Per-item features from which `_matrix` builds distances with one matrix product."""
+    if measure == 'cosine':
+        return _l2_normalise(_as_2d(x, what))
+    if measure == 'Euclidean':
+        return np.asarray(_as_2d(x, what), np.float64)
+    codes = _as_codes(x, measure, q, what)
+    n, m = codes.shape
+    if measure == 'LUT':
+        bits = _lut_bits(q)
+        expanded = (codes[:, :, None] >> np.arange(bits)) & 1
+        return expanded.reshape(n, m * bits).astype(np.float32)
+    # float32 is exact here: products of 0/1 summed over at most m*q terms (< 2**24).
+    onehot = np.zeros((n, m * q), np.float32)
+    onehot[np.arange(n)[:, None], np.arange(m) * q + codes] = 1.0
+    return onehot
+
+
+def _matrix(fa, fb, measure, m=None):
+    if measure in ('cosine', 'Euclidean'):
+        sq = (fa * fa).sum(1)[:, None] + (fb * fb).sum(1)[None, :] - 2.0 * (fa @ fb.T)
+        return np.sqrt(np.maximum(sq, 0.0))
+    inner = (fa @ fb.T).astype(np.float64)
+    if measure == 'LUT':
+        return fa.sum(1, dtype=np.float64)[:, None] + fb.sum(1, dtype=np.float64)[None, :] \
+            - 2.0 * inner
+    if measure == 'Hamming':
+        return m - inner
+    return 1.0 - inner / (2 * m - inner)
+
+
+def _infer_q(measure, q, *arrays):
+    if measure in ('Hamming', 'Jaccard') and q is None:
+        return int(max(int(np.max(np.asarray(a))) for a in arrays if np.size(a))) + 1
+    return q
+
+
+def distance_matrix(a, b, measure, q=None):
+    """(Na, Nb) matrix of the distances `pair_distances` computes row-wise."""
+    _check_measure(measure)
+    a2, b2 = _as_2d(a, 'a'), _as_2d(b, 'b')
+    _check_pair_shapes(a2, b2)
+    q = _infer_q(measure, q, a2, b2)
+    return _matrix(_features(a2, measure, q, 'a'), _features(b2, measure, q, 'b'), measure,
+                   a2.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification
+def kfold_ids(n, nrof_folds=10):
+    """Fold index of each of n items, as sklearn KFold(n_splits, shuffle=False) splits them."""
+    if n < nrof_folds:
+        raise UserError(f'{n} pairs cannot be split into {nrof_folds} folds')
+    sizes = np.full(nrof_folds, n // nrof_folds)
+    sizes[:n % nrof_folds] += 1
+    return np.repeat(np.arange(nrof_folds), sizes)
+
+
+def default_thresholds(distances, num=DEFAULT_NUM_THRESHOLDS):
+    """`num` evenly spaced thresholds from the smallest distance to one step past the largest.
+
+    The extra step lets "every pair is the same person" (d < t for all d) be a candidate too.
+    """
+    lo, hi = float(np.min(distances)), float(np.max(distances))
+    if hi <= lo:
+        hi = lo + 1.0
+    step = (hi - lo) / (num - 1)
+    return np.linspace(lo, hi + step, num)
+
+
+def roc_curve(distances, issame):
+    """ROC over all pairs (score = -distance): (fpr, tpr, thresholds), one point per distinct
+    distance, starting at (0, 0); a pair counts as accepted when its distance is <= threshold."""
+    d = np.asarray(distances, np.float64)
+    same = np.asarray(issame, bool)
+    order = np.argsort(d, kind='stable')
+    d_sorted, same_sorted = d[order], same[order]
+    last = np.r_[np.flatnonzero(np.diff(d_sorted)), d.size - 1]
+    tp = np.cumsum(same_sorted)[last]
+    fp = np.cumsum(~same_sorted)[last]
+    tpr = np.r_[0.0, tp / same.sum()]
+    fpr = np.r_[0.0, fp / (~same).sum()]
+    return fpr, tpr, np.r_[-np.inf, d_sorted[last]]
+
+
+def equal_error_rate(fpr, tpr):
+    """Where the ROC polyline crosses FAR = FRR (linear interpolation between ROC points)."""
+    gap = fpr - (1.0 - tpr)  # non-decreasing from -1 to +1 along the curve
+    i = int(np.argmax(gap >= 0))
+    if gap[i] == 0 or i == 0:
+        return float(fpr[i])
+    frac = -gap[i - 1] / (gap[i] - gap[i - 1])
+    return float(fpr[i - 1] + frac * (fpr[i] - fpr[i - 1]))
+
+
+def verification_metrics(distances, issame, nrof_folds=10, thresholds=None):
+    """10-fold accuracy, mean threshold, EER, AUC, TAR@FAR and the ROC of pair distances."""
+    d = np.asarray(distances, np.float64).ravel()
+    same = np.asarray(issame).ravel()
+    if same.dtype != bool:
+        same = _as_bool_list(same, 'issame')
+    if d.size != same.size:
+        raise UserError(f'{d.size} distances for {same.size} pair labels')
+    if not np.isfinite(d).all():
+        raise UserError('distances contain NaN or infinite values')
+    if same.all() or not same.any():
+        raise UserError('verification needs both genuine and impostor pairs')
+    thresholds = (default_thresholds(d) if thresholds is None
+                  else np.asarray(thresholds, np.float64).ravel())
+    fold = kfold_ids(d.size, nrof_folds)
+
+    # For every (threshold, fold) count the genuine pairs below the threshold and the impostor
+    # pairs at or above it, from cumulative per-fold counts over the sorted distances.
+    order = np.argsort(d, kind='stable')
+    d_sorted = d[order]
+    rows = np.arange(1, d.size + 1)
+    gen = np.zeros((d.size + 1, nrof_folds), np.int64)
+    imp = np.zeros((d.size + 1, nrof_folds), np.int64)
+    gen[rows, fold[order]] = same[order]
+    imp[rows, fold[order]] = ~same[order]
+    gen, imp = np.cumsum(gen, axis=0), np.cumsum(imp, axis=0)
+    below = np.searchsorted(d_sorted, thresholds, side='left')  # count of d < t
+    gen_below = gen[below]                                       # (T, K)
+    imp_at_or_above = imp[-1][None, :] - imp[below]              # (T, K)
+    correct = gen_below + imp_at_or_above                        # per fold, per threshold
+    train_correct = correct.sum(axis=1, keepdims=True) - correct  # the other folds
+    best = np.argmax(train_correct, axis=0)                      # first best, as np.argmax
+    fold_sizes = np.bincount(fold, minlength=nrof_folds)
+    fold_acc = correct[best, np.arange(nrof_folds)] / fold_sizes
+    fold_thr = thresholds[best]
+
+    fpr, tpr, _ = roc_curve(d, same)
+    return {
+        'accuracy': float(fold_acc.mean()),
+        'accuracy_std': float(fold_acc.std()),
+        'threshold': float(fold_thr.mean()),
+        'eer': equal_error_rate(fpr, tpr),
+        'auc': float(np.trapezoid(tpr, fpr)),
+        # Highest TAR among ROC points whose FAR does not exceed the target.
+        'tar_at_far': {far: float(tpr[fpr <= far].max()) for far in TAR_FARS},
+        'fold_accuracies': fold_acc,
+        'fold_thresholds': fold_thr,
+        'fpr': fpr,
+        'tpr': tpr,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Retrieval
+def retrieval_metrics(codes_or_embeddings, labels, measure, q=None, chunk_elements=1 << 22):
+    """mAP and CMC rank-1/5/10 when every item queries all the others (itself excluded).
+
+    Ties in distance are ranked by item index (stable sort), so results are deterministic.
+    Queries whose identity has no other item are left out of both metrics.
+    """
+    _check_measure(measure)
+    x = _as_2d(codes_or_embeddings, 'codes_or_embeddings')
+    labels = np.asarray(labels).ravel()
+    n = x.shape[0]
+    if labels.size != n:
+        raise UserError(f'{n} items for {labels.size} labels')
+    if n < 2:
+        raise UserError('retrieval needs at least two items')
+    q = _infer_q(measure, q, x)
+    feats = _features(x, measure, q, 'codes_or_embeddings')
+    label_ids = np.unique(labels, return_inverse=True)[1]
+    has_match = np.bincount(label_ids)[label_ids] > 1
+    if not has_match.any():
+        raise UserError('retrieval needs at least one identity with two or more items')
+    ranks = (1, 5, 10)
+    ap_sum, hits, n_queries = 0.0, np.zeros(len(ranks)), 0
+    chunk = max(1, chunk_elements // n)
+    for start in range(0, n, chunk):
+        idx = np.arange(start, min(start + chunk, n))
+        idx = idx[has_match[idx]]
+        if idx.size == 0:
+            continue
+        dist = _matrix(feats[idx], feats, measure, x.shape[1])
+        dist[np.arange(idx.size), idx] = np.inf  # the query itself goes last, then is dropped
+        order = np.argsort(dist, axis=1, kind='stable')[:, :-1]
+        relevant = labels[order] == labels[idx][:, None]
+        cum = np.cumsum(relevant, axis=1)
+        precision = cum / np.arange(1, n)[None, :]
+        ap_sum += float(((precision * relevant).sum(1) / cum[:, -1]).sum())
+        first_hit = np.argmax(relevant, axis=1)
+        hits += (first_hit[:, None] < np.asarray(ranks)[None, :]).sum(0)
+        n_queries += idx.size
+    return {'map': ap_sum / n_queries,
+            'cmc': {r: float(h / n_queries) for r, h in zip(ranks, hits)},
+            'n_queries': n_queries}
+
+
+# ---------------------------------------------------------------------------------------------
+# Extraction
+def _bilinear_weights(out_size, crop_start, crop_size, in_size):
+    """(out, in) matrix resizing the window [crop_start, crop_start + crop_size) bilinearly
+    (half-pixel centres, clamped at the window edge: what cv2.INTER_LINEAR does on the crop)."""
+    last = crop_start + crop_size - 1
+    centres = (np.arange(out_size) + 0.5) * crop_size / out_size - 0.5 + crop_start
+    centres = np.clip(centres, crop_start, last)  # crop first: nothing outside the window leaks in
+    low = np.floor(centres).astype(int)
+    high = np.minimum(low + 1, last)
+    frac = centres - low
+    weights = np.zeros((out_size, in_size))
+    np.add.at(weights, (np.arange(out_size), low), 1.0 - frac)
+    np.add.at(weights, (np.arange(out_size), high), frac)
+    return weights
+
+
+def central_crop(images, crop_size=CCROP_SIZE):
+    """Crop the central `crop_size` square of each image and resize it back (bilinear)."""
+    images = np.asarray(images, np.float32)
+    h, w = images.shape[1:3]
+    wy = _bilinear_weights(h, (h - crop_size) // 2, crop_size, h).astype(np.float32)
+    wx = _bilinear_weights(w, (w - crop_size) // 2, crop_size, w).astype(np.float32)
+    return np.einsum('iy,nyxc,jx->nijc', wy, images, wx, optimize=True)
+
+
+def _call(model, batch):
+    keras = sys.modules.get('keras')
+    if keras is not None and isinstance(model, keras.Layer):
+        out = model(batch, training=False)
+    else:
+        out = model(batch)
+    out = np.asarray(out.numpy() if hasattr(out, 'numpy') else out)
+    if out.ndim != 2 or out.shape[0] != batch.shape[0]:
+        raise UserError(f'the model must map a ({batch.shape[0]}, H, W, 3) batch to '
+                        f'({batch.shape[0]}, d) outputs, got shape {out.shape}')
+    return out
+
+
+def extract_embeddings(model, images, batch_size=64, is_flip=False, is_ccrop=False,
+                       progress=True):
+    """Run `model` over `images` in batches: (N, d) numpy outputs, with optional test-time
+    central crop (`central_crop`) and horizontal-flip sum."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise UserError(f'images must have shape (N, H, W, 3), got {images.shape}')
+    if batch_size < 1:
+        raise UserError(f'batch_size must be positive, got {batch_size}')
+    outputs = []
+    starts = range(0, images.shape[0], batch_size)
+    for start in tqdm(starts, desc='embeddings', leave=False, disable=not progress):
+        batch = np.asarray(images[start:start + batch_size], np.float32)
+        if is_ccrop:
+            batch = central_crop(batch)
+        out = _call(model, batch)
+        if is_flip:
+            out = out + _call(model, np.ascontiguousarray(batch[:, :, ::-1, :]))
+        outputs.append(out)
+    if not outputs:
+        raise UserError('no images to embed')
+    return np.concatenate(outputs, axis=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation paths shared by every script
+def evaluate_verification(embed_fn, val_sets, measure, q=None, batch_size=64, is_flip=False,
+                          is_ccrop=False, progress=True):
+    """Embed each verification set and measure it: {set: metrics + 'distances' + 'issame'}."""
+    _check_measure(measure)
+    results = {}
+    for name, (images, issame) in val_sets.items():
+        emb = extract_embeddings(embed_fn, images, batch_size, is_flip, is_ccrop, progress)
+        dist = pair_distances(emb[0::2], emb[1::2], measure, q)
+        metrics = verification_metrics(dist, issame)
+        metrics['distances'] = dist
+        metrics['issame'] = np.asarray(issame, bool)
+        results[name] = metrics
+    return results
+
+
+def evaluate_retrieval(embed_fn, images, labels, measure, q=None, batch_size=64, is_flip=False,
+                       is_ccrop=False, progress=True):
+    """Embed an identity-folder set and measure retrieval: {'map', 'cmc', 'n_queries'}."""
+    _check_measure(measure)
+    emb = extract_embeddings(embed_fn, images, batch_size, is_flip, is_ccrop, progress)
+    return retrieval_metrics(emb, labels, measure, q)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+def _far_key(far):
+    return f'{far:.0e}'
+
+
+def format_table(results):
+    """Markdown table of verification results: one column per set, 4 decimals."""
+    names = list(results)
+    rows = [('Accuracy', lambda r: r['accuracy']), ('EER', lambda r: r['eer']),
+            ('AUC', lambda r: r['auc']), ('Threshold', lambda r: r['threshold'])]
+    rows += [(f'TAR@FAR={_far_key(far)}', lambda r, f=far: r['tar_at_far'][f])
+             for far in TAR_FARS]
+    header = [''] + [_DISPLAY_NAMES.get(n, n) for n in names]
+    body = [[label] + [f'{get(results[n]):.4f}' for n in names] for label, get in rows]
+    widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header))]
+
+    def line(cells):
+        return '| ' + ' | '.join(c.ljust(w) for c, w in zip(cells, widths)) + ' |'
+
+    sep = '|' + '|'.join('-' * (w + 2) for w in widths) + '|'
+    return '\n'.join([line(header), sep] + [line(row) for row in body])
+
+
+def format_retrieval_table(results):
+    """Markdown table of retrieval results: one row per set (mAP, CMC rank-1/5/10)."""
+    lines = ['| Set | mAP | Rank-1 | Rank-5 | Rank-10 |', '|---|---|---|---|---|']
+    for name, r in results.items():
+        cmc = r['cmc']
+        lines.append(f"| {name} | {r['map']:.4f} | {cmc[1]:.4f} | {cmc[5]:.4f} | "
+                     f'{cmc[10]:.4f} |')
+    return '\n'.join(lines)
+
+
+def _json_metrics(metrics):
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, np.ndarray) and key not in ('fold_accuracies', 'fold_thresholds'):
+            continue  # distances, labels and ROC arrays stay out of the JSON
+        if isinstance(value, dict):
+            out[key] = {(_far_key(k) if isinstance(k, float) else str(k)): float(v)
+                        for k, v in value.items()}
+        elif isinstance(value, np.ndarray):
+            out[key] = [float(v) for v in value]
+        elif isinstance(value, (int, np.integer)):
+            out[key] = int(value)
+        else:
+            out[key] = float(value)
+    return out
+
+
+def _plot_set(name, metrics, path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.5))
+    FigureCanvasAgg(fig)
+    ax_roc, ax_hist = fig.subplots(1, 2)
+    fpr, tpr = metrics['fpr'], metrics['tpr']
+    keep = fpr > 0  # the log axis cannot show FAR = 0
+    ax_roc.plot(fpr[keep], tpr[keep], lw=1.5)
+    ax_roc.set_xscale('log')
+    ax_roc.set_xlabel('False accept rate')
+    ax_roc.set_ylabel('True accept rate')
+    ax_roc.set_title(f"{_DISPLAY_NAMES.get(name, name)} ROC (AUC {metrics['auc']:.4f}, "
+                     f"EER {metrics['eer']:.4f})")
+    ax_roc.grid(True, which='both', alpha=0.3)
+    dist, same = metrics['distances'], metrics['issame']
+    bins = np.linspace(dist.min(), dist.max(), 60) if dist.max() > dist.min() else 10
+    ax_hist.hist(dist[same], bins=bins, alpha=0.6, label='genuine', color='tab:green')
+    ax_hist.hist(dist[~same], bins=bins, alpha=0.6, label='impostor', color='tab:red')
+    ax_hist.axvline(metrics['threshold'], color='k', ls='--',
+                    label=f"threshold {metrics['threshold']:.4f}")
+    ax_hist.set_xlabel('distance')
+    ax_hist.set_ylabel('pairs')
+    ax_hist.set_title(f"accuracy {metrics['accuracy']:.4f}")
+    ax_hist.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format='png', dpi=100)
+
+
+def write_report(results, out_dir, prefix):
+    """Write `<prefix>_results.json` and a ROC + histogram PNG per verification set."""
+    summary = {name: _json_metrics(metrics) for name, metrics in results.items()}
+    json_path = os.path.join(out_dir, f'{prefix}_results.json')
+    with atomic_output(json_path, 'w') as fh:
+        json.dump(summary, fh, indent=2, sort_keys=True)
+    paths = [json_path]
+    for name, metrics in results.items():
+        if 'distances' in metrics and 'fpr' in metrics:
+            png = os.path.join(out_dir, f'{prefix}_{name}.png')
+            _plot_set(name, metrics, png)
+            paths.append(png)
+    return paths
+
+
+__all__ = ['VAL_SETS', 'MEASURES', 'load_verification_set', 'get_val_data',
+           'load_identity_folders', 'pair_distances', 'distance_matrix', 'kfold_ids',
+           'default_thresholds', 'roc_curve', 'equal_error_rate', 'verification_metrics',
+           'retrieval_metrics', 'central_crop', 'extract_embeddings', 'evaluate_verification',
+           'evaluate_retrieval', 'format_table', 'format_retrieval_table', 'write_report']

@@ -1,0 +1,237 @@
+"""Keras layers of the two stages: the ArcFace margin head and the Index-of-Max (IoM) hashing stack.
+
+Stage 1 trains a backbone with `ArcMarginPenaltyLogists`. Stage 2 stacks, on the frozen embedding,
+`PermLayer` (a keyed, fixed feature permutation: cancelable biometrics), optional hidden layers
+(`iom_hidden_layers`), the `IoMProjection` Dense(m*q) and `IoMHead`, which turns each of the m groups
+of q projections into one index in [0, q): soft (differentiable) in training, argmax at inference.
+"""
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from modules.utils import UserError
+
+_PACKAGE = 'IoMFace'
+
+
+def _check_positive_int(value, what):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise UserError(f'{what} must be a positive integer, got {value!r}')
+    return int(value)
+
+
+# ---------------------------------------------------------------------------------------------
+@tf.keras.utils.register_keras_serializable(package=_PACKAGE)
+class ArcMarginPenaltyLogists(tf.keras.layers.Layer):
+    """ArcFace head: logits s*cos(t + m) for the true class and s*cos(t) for the others.
+
+    Inputs: a pair (embds (batch, d) float, labels (batch,) int). The weight `w` (d, num_classes)
+    and the embeddings are L2-normalised, so cos t = <e/|e|, w_c/|w_c|>. For the true class
+    cos(t + m) = cos t cos m - sin t sin m with sin t = sqrt(1 - cos^2 t). Where t + m would pass
+    pi (cos t <= cos(pi - m)) cos(t + m) stops decreasing in t, so the logit falls back to the
+    monotone `cos t - m sin(pi - m)` (= cos t - m sin m), as in InsightFace.
+    """
+
+    def __init__(self, num_classes, margin=0.5, logist_scale=64, **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes = _check_positive_int(num_classes, 'ArcMarginPenaltyLogists num_classes')
+        self.margin = float(margin)
+        self.logist_scale = float(logist_scale)
+        if self.margin < 0:
+            raise UserError(f'ArcMarginPenaltyLogists margin must be >= 0, got {margin!r}')
+        if self.logist_scale <= 0:
+            raise UserError(f'ArcMarginPenaltyLogists logist_scale must be > 0, got '
+                            f'{logist_scale!r}')
+        self.cos_m = math.cos(self.margin)
+        self.sin_m = math.sin(self.margin)
+        self.th = math.cos(math.pi - self.margin)
+        self.mm = math.sin(math.pi - self.margin) * self.margin
+
+    def build(self, input_shape):
+        """Create the class-centre weight from the embedding size."""
+        embd_shape = input_shape[0]
+        self.w = self.add_weight(name='weights', shape=(int(embd_shape[-1]), self.num_classes),
+                                 initializer='glorot_uniform', trainable=True)
+
+    def call(self, inputs):
+        """Return (batch, num_classes) scaled logits with the additive angular margin applied."""
+        embds, labels = inputs
+        embds = tf.cast(embds, tf.float32)
+        normed_embds = tf.math.l2_normalize(embds, axis=1)
+        normed_w = tf.math.l2_normalize(tf.cast(self.w, tf.float32), axis=0)
+        cos_t = tf.matmul(normed_embds, normed_w)
+        # The floor keeps d sin/d cos finite where |cos t| reaches 1.
+        sin_t = tf.sqrt(tf.clip_by_value(1.0 - tf.square(cos_t), 1e-12, 1.0))
+        cos_mt = cos_t * self.cos_m - sin_t * self.sin_m
+        cos_mt = tf.where(cos_t > self.th, cos_mt, cos_t - self.mm)
+        labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
+        is_target = tf.one_hot(labels, depth=self.num_classes, on_value=True, off_value=False,
+                               dtype=tf.bool)
+        return tf.where(is_target, cos_mt, cos_t) * self.logist_scale
+
+    def compute_output_shape(self, input_shape):
+        """(batch, num_classes)."""
+        return (input_shape[0][0], self.num_classes)
+
+    def get_config(self):
+        """Constructor arguments, for model saving."""
+        config = super().get_config()
+        config.update(num_classes=self.num_classes, margin=self.margin,
+                      logist_scale=self.logist_scale)
+        return config
+
+
+# ---------------------------------------------------------------------------------------------
+def key_permutation(key, n):
+    """The permutation of range(n) a key selects: np.random.default_rng(key).permutation(n)."""
+    if key is None:
+        return np.arange(n)
+    if isinstance(key, bool) or not isinstance(key, (int, np.integer)) or key < 0:
+        raise UserError(f'perm_key must be a non-negative integer or null, got {key!r}')
+    return np.random.default_rng(int(key)).permutation(n)
+
+
+@tf.keras.utils.register_keras_serializable(package=_PACKAGE)
+class PermLayer(tf.keras.layers.Layer):
+    """Permute the last axis with the fixed permutation `key_permutation(perm_key, n)`.
+
+    The permutation is a constant built in build(), not a weight (0 parameters): changing the key
+    re-issues a protected template without retraining. perm_key None is the identity.
+    """
+
+    def __init__(self, perm_key=None, **kwargs):
+        super().__init__(**kwargs)
+        if perm_key is not None:
+            key_permutation(perm_key, 1)  # validate early, with the user-facing message
+            perm_key = int(perm_key)
+        self.perm_key = perm_key
+        self._perm = None
+
+    def build(self, input_shape):
+        """Derive the index array from the key and the feature size."""
+        if self.perm_key is not None:
+            self._perm = key_permutation(self.perm_key, int(input_shape[-1])).astype(np.int32)
+
+    def call(self, inputs):
+        """Return the inputs with their features reordered."""
+        if self._perm is None:
+            return tf.identity(inputs)
+        return tf.gather(inputs, self._perm, axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        """Same shape as the input."""
+        return tuple(input_shape)
+
+    def get_config(self):
+        """Constructor arguments, for model saving."""
+        config = super().get_config()
+        config.update(perm_key=self.perm_key)
+        return config
+
+
+# ---------------------------------------------------------------------------------------------
+@tf.keras.utils.register_keras_serializable(package=_PACKAGE)
+class IoMHead(tf.keras.layers.Layer):
+    """Index-of-Max hashing: (batch, m*q) projections -> m indices in [0, q).
+
+    The input is viewed as (batch, m, q). Training: soft index per group
+    s = sum_j j * softmax(z / T)_j, j = 0..q-1 (float32, in [0, q-1], differentiable).
+    Inference: argmax_j z_j (int32). Both use the same 0..q-1 range, and as T -> 0 the soft index
+    tends to the argmax. No weights.
+    """
+
+    def __init__(self, m, q, T=1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.m = _check_positive_int(m, 'IoMHead m')
+        self.q = _check_positive_int(q, 'IoMHead q')
+        if self.q < 2:
+            raise UserError(f'IoMHead q must be at least 2, got {q!r}')
+        self.T = float(T)
+        if not self.T > 0:
+            raise UserError(f'IoMHead temperature T must be > 0, got {T!r}')
+
+    def build(self, input_shape):
+        """Check that the input holds m*q features."""
+        if input_shape[-1] is not None and int(input_shape[-1]) != self.m * self.q:
+            raise ValueError(f'IoMHead(m={self.m}, q={self.q}) needs {self.m * self.q} input '
+                             f'features, got {input_shape[-1]}')
+
+    def _groups(self, inputs):
+        # float32 even under mixed precision: z / T with a small T would overflow float16.
+        return tf.reshape(tf.cast(inputs, tf.float32), [-1, self.m, self.q])
+
+    def probabilities(self, inputs):
+        """Soft assignments softmax(z / T) over each group: (batch, m, q), rows sum to 1."""
+        return tf.nn.softmax(self._groups(inputs) / self.T, axis=-1)
+
+    def soft_indices(self, inputs):
+        """Differentiable indices sum_j j * p_j: (batch, m) float32 in [0, q-1]."""
+        return expected_index(self.probabilities(inputs))
+
+    def hard_indices(self, inputs):
+        """Argmax index of each group: (batch, m) int32."""
+        return tf.argmax(self._groups(inputs), axis=-1, output_type=tf.int32)
+
+    def call(self, inputs, training=False):
+        """Soft indices when training, integer argmax indices otherwise."""
+        if training:
+            return self.soft_indices(inputs)
+        return self.hard_indices(inputs)
+
+    def compute_output_shape(self, input_shape):
+        """(batch, m)."""
+        return (input_shape[0], self.m)
+
+    def get_config(self):
+        """Constructor arguments, for model saving."""
+        config = super().get_config()
+        config.update(m=self.m, q=self.q, T=self.T)
+        return config
+
+
+def expected_index(probs):
+    """Expected index sum_j j * probs[..., j] of assignments over the last axis."""
+    q = probs.shape[-1]
+    return tf.reduce_sum(probs * tf.range(q, dtype=probs.dtype), axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+HIDDEN_LAYER_REMARKS = ('1', '2', '3', 'T1', 'T2')
+
+
+def iom_hidden_layers(remark, name_prefix=''):
+    """Layers between PermLayer and IoMProjection for a `hidden_layer_remark`.
+
+    - '1':  none (the projection reads the permuted embedding directly).
+    - '2':  Dense(1024) (linear) -> BatchNormalization -> Dropout(0.5).
+    - '3':  [Dense(512, relu) -> Dropout(0.5) -> BatchNormalization] twice.
+    - 'T1': as '1'; 'T2': as '3'. The T variants differ only by the softmax temperature (default
+      0.01) that the caller passes to IoMHead.
+    """
+    remark = str(remark)
+    if remark not in HIDDEN_LAYER_REMARKS:
+        raise UserError(f"hidden_layer_remark is {remark!r}; allowed: "
+                        + ', '.join(HIDDEN_LAYER_REMARKS))
+    layers = tf.keras.layers
+    p = name_prefix
+    if remark in ('1', 'T1'):
+        return []
+    if remark == '2':
+        return [layers.Dense(1024, name=f'{p}hidden_dense_1'),
+                layers.BatchNormalization(name=f'{p}hidden_bn_1'),
+                layers.Dropout(0.5, name=f'{p}hidden_dropout_1')]
+    out = []
+    for i in (1, 2):
+        out += [layers.Dense(512, activation='relu', name=f'{p}hidden_dense_{i}'),
+                layers.Dropout(0.5, name=f'{p}hidden_dropout_{i}'),
+                layers.BatchNormalization(name=f'{p}hidden_bn_{i}')]
+    return out
+
+
+def IoMProjection(m, q, name='IoMProjection', seed=None):
+    """Dense(m*q) with N(0, 1) kernel init: the random IoM projection (trained in stage 2)."""
+    m = _check_positive_int(m, 'IoM m')
+    q = _check_positive_int(q, 'IoM q')
+    init = tf.keras.initializers.RandomNormal(mean=0.0, stddev=1.0, seed=seed)
+    return tf.keras.layers.Dense(m * q, kernel_initializer=init, name=name)

@@ -1,0 +1,271 @@
+"""Evidence for template protection: unlinkability and revocability of IoM codes.
+
+Unlinkability follows M. Gomez-Barrero, J. Galbally, C. Rathgeb and C. Busch, "General framework to
+evaluate unlinkability in biometric template protection systems", IEEE TIFS 13(6), 2018. Two
+templates of the same subject issued under different keys (mated, H_m) should not be told apart
+from templates of different subjects under different keys (non-mated, H_nm) by their similarity
+score s.
+"""
+import os
+
+import numpy as np
+
+from modules.utils import UserError, atomic_path
+
+DEFAULT_BINS = 100
+DEFAULT_MAX_PAIRS = 200_000
+
+
+def _scores_1d(values, what):
+    arr = np.asarray(values, np.float64).ravel()
+    if arr.size == 0:
+        raise UserError(f'{what}: no scores given')
+    if not np.isfinite(arr).all():
+        raise UserError(f'{what}: scores contain NaN or infinite values')
+    return arr
+
+
+def _common_edges(mated, nonmated, bins):
+    """Bin edges shared by both score sets: explicit edges, or `bins` bins over their range."""
+    if np.ndim(bins) != 0:
+        edges = np.asarray(bins, np.float64)
+        if edges.ndim != 1 or edges.size < 2 or np.any(np.diff(edges) <= 0):
+            raise UserError('unlinkability: bin edges must be a strictly increasing 1-D sequence')
+        return edges
+    if isinstance(bins, bool) or int(bins) != bins or bins < 1:
+        raise UserError(f'unlinkability: bins must be a positive integer or edges, got {bins!r}')
+    values = np.unique(np.concatenate([mated, nonmated]))
+    if values.size == 1:
+        return np.array([values[0] - 0.5, values[0] + 0.5])
+    if values.size <= bins:
+        # Discrete scores (code similarities are multiples of 1/m): one bin per value, so that
+        # equal-width bins cannot alias against the score lattice and leave empty bins between.
+        mids = 0.5 * (values[1:] + values[:-1])
+        gap = np.min(np.diff(values)) / 2
+        return np.r_[values[0] - gap, mids, values[-1] + gap]
+    return np.linspace(values[0], values[-1], int(bins) + 1)
+
+
+def unlinkability(mated_scores, nonmated_scores, bins=DEFAULT_BINS, omega=1.0):
+    """Local and global unlinkability (Gomez-Barrero et al. 2018): returns (s, d_local, d_sys).
+
+    The score densities p(s|H_m) and p(s|H_nm) are estimated by histograms over common bins
+    (`bins`: explicit bin edges, or a number of equal-width bins spanning both score sets; when the
+    scores take at most that many distinct values, one bin per value instead). With
+    LR(s) = p(s|H_m) / p(s|H_nm) and omega = p(H_m) / p(H_nm) (1 by default: no prior knowledge),
+
+        D(s) = 2 * LR(s) * omega / (1 + LR(s) * omega) - 1   where LR(s) * omega > 1, else 0,
+
+    i.e. D(s) = p(H_m|s) - p(H_nm|s) clipped at 0, and
+
+        D_sys = integral of p(s|H_m) * D(s) ds = sum over bins of P(bin|H_m) * D(bin).
+
+    D(s) is written as (omega*p_m - p_nm) / (omega*p_m + p_nm), which equals the form above and
+    is 1 where p_nm = 0 < p_m (LR infinite); bins where both densities vanish get D = 0 (they carry
+    no mated mass). D_sys is 0 for fully unlinkable and 1 for fully linkable templates. `s` holds
+    the bin centres, `d_local` D(s) per bin.
+    """
+    mated = _scores_1d(mated_scores, 'mated_scores')
+    nonmated = _scores_1d(nonmated_scores, 'nonmated_scores')
+    if not omega > 0:
+        raise UserError(f'unlinkability: omega must be positive, got {omega!r}')
+    edges = _common_edges(mated, nonmated, bins)
+    # Mass per bin; the bin width cancels in LR and in the D_sys sum, so masses suffice.
+    p_m = np.histogram(mated, edges)[0] / mated.size
+    p_nm = np.histogram(nonmated, edges)[0] / nonmated.size
+    num = omega * p_m - p_nm
+    den = omega * p_m + p_nm
+    d_local = np.where(num > 0, num / np.where(den > 0, den, 1.0), 0.0)
+    d_sys = float(np.sum(p_m * d_local))
+    s = 0.5 * (edges[:-1] + edges[1:])
+    return s, d_local, d_sys
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores on codes
+def _codes_2d(codes, what):
+    arr = np.asarray(codes)
+    if arr.ndim != 2:
+        raise UserError(f'{what} must be a 2-D array (items, m), got shape {arr.shape}')
+    if arr.dtype.kind not in 'biu':
+        raise UserError(f'{what} must hold integer IoM codes, got dtype {arr.dtype}')
+    return arr
+
+
+def _check_same_shape(a, b, what_a, what_b):
+    if a.shape != b.shape:
+        raise UserError(f'{what_a} has shape {a.shape} but {what_b} has shape {b.shape}; '
+                        'row i of both must be the same sample')
+
+
+def similarity_scores(codes_a, codes_b):
+    """Row-wise similarity of two (N, m) code arrays: fraction of positions with equal indices."""
+    a = _codes_2d(codes_a, 'codes_a')
+    b = _codes_2d(codes_b, 'codes_b')
+    _check_same_shape(a, b, 'codes_a', 'codes_b')
+    return np.count_nonzero(a == b, axis=1) / a.shape[1]
+
+
+def _labels_for(labels, n):
+    arr = np.asarray(labels).ravel()
+    if arr.size != n:
+        raise UserError(f'{arr.size} labels for {n} codes')
+    return arr
+
+
+def same_subject_pairs(labels, same_sample=False):
+    """All ordered pairs (i, j) with labels[i] == labels[j] (i != j unless same_sample): (i, j)."""
+    labels = np.asarray(labels).ravel()
+    order = np.argsort(labels, kind='stable')
+    _, start, size = np.unique(labels[order], return_index=True, return_counts=True)
+    # Position p of the sorted labels pairs with every position of its own group.
+    group_size = np.repeat(size, size)
+    group_start = np.repeat(start, size)
+    left = np.repeat(np.arange(labels.size), group_size)
+    offset = np.arange(left.size) - np.repeat(np.cumsum(group_size) - group_size, group_size)
+    right = np.repeat(group_start, group_size) + offset
+    i, j = order[left], order[right]
+    if not same_sample:
+        keep = i != j
+        i, j = i[keep], j[keep]
+    return i, j
+
+
+def different_subject_pairs(labels, max_pairs=DEFAULT_MAX_PAIRS, seed=0):
+    """Ordered pairs (i, j) with labels[i] != labels[j], at most `max_pairs` of them: (i, j).
+
+    Small sets are enumerated (a seeded subset without replacement if there are too many).
+    Large sets are sampled with replacement: i uniformly, then j uniformly among the samples of
+    the other subjects, which needs no rejection loop however unbalanced the subjects are.
+    """
+    labels = np.asarray(labels).ravel()
+    n = labels.size
+    rng = np.random.default_rng(seed)
+    if n * n <= 4 * max_pairs:
+        i, j = np.divmod(np.arange(n * n), n)
+        keep = labels[i] != labels[j]
+        i, j = i[keep], j[keep]
+        if i.size > max_pairs:
+            pick = np.sort(rng.choice(i.size, max_pairs, replace=False))
+            i, j = i[pick], j[pick]
+        return i, j
+    order = np.argsort(labels, kind='stable')
+    _, inverse, start, size = _groups(labels[order])
+    group_start = np.empty(n, np.int64)
+    group_size = np.empty(n, np.int64)
+    group_start[order], group_size[order] = start[inverse], size[inverse]
+    i = rng.integers(0, n, size=max_pairs)
+    others = n - group_size[i]
+    valid = others > 0
+    if not valid.any():
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    i, others = i[valid], others[valid]
+    # A position among the other subjects' samples in label order, skipping i's own block.
+    r = np.floor(rng.random(i.size) * others).astype(np.int64)
+    r = np.where(r < group_start[i], r, r + group_size[i])
+    return i, order[r]
+
+
+def _groups(sorted_labels):
+    """(unique, inverse, start, size) of an already sorted label array."""
+    uniq, start, inverse, size = np.unique(sorted_labels, return_index=True, return_inverse=True,
+                                           return_counts=True)
+    return uniq, inverse, start, size
+
+
+def mated_nonmated_scores(codes_key1, codes_key2, labels, max_pairs=DEFAULT_MAX_PAIRS, seed=0,
+                          same_sample=False):
+    """Cross-key similarity scores for unlinkability: (mated, nonmated) 1-D float arrays.
+
+    Row i of `codes_key1` and `codes_key2` is the same sample hashed under two different keys and
+    `labels[i]` its subject. Mated: template i under key 1 against template j under key 2 of the
+    same subject (j != i unless `same_sample`, which also admits the same sample re-hashed).
+    Non-mated: i and j of different subjects, again across the keys. Each set holds at most
+    `max_pairs` scores (a seeded random subset when there are more).
+    """
+    a = _codes_2d(codes_key1, 'codes_key1')
+    b = _codes_2d(codes_key2, 'codes_key2')
+    _check_same_shape(a, b, 'codes_key1', 'codes_key2')
+    labels = _labels_for(labels, a.shape[0])
+    mi, mj = same_subject_pairs(labels, same_sample)
+    if mi.size == 0:
+        raise UserError('no mated pairs: every subject has a single sample '
+                        '(pass same_sample=True to compare a sample with itself across keys)')
+    rng = np.random.default_rng(seed)
+    if mi.size > max_pairs:
+        pick = np.sort(rng.choice(mi.size, max_pairs, replace=False))
+        mi, mj = mi[pick], mj[pick]
+    ni, nj = different_subject_pairs(labels, max_pairs, seed + 1)
+    if ni.size == 0:
+        raise UserError('no non-mated pairs: all codes belong to one subject')
+    return similarity_scores(a[mi], b[mj]), similarity_scores(a[ni], b[nj])
+
+
+def revocability_rate(enrol_codes_k1, probe_codes_k2, labels, threshold, same_sample=True):
+    """Fraction of same-subject cross-key comparisons that would still be accepted.
+
+    Enrolment template i (old key) is compared with probe template j (new key) for every pair of
+    the same subject (`same_sample`: j == i, the same capture re-hashed, is included). Hamming
+    distance = number of differing indices (0..m), and a comparison is accepted when
+    distance < threshold: strictly below, the rule modules.evaluations.verification_metrics uses
+    for its threshold. 0 means an old template is useless against the re-issued one.
+    """
+    a = _codes_2d(enrol_codes_k1, 'enrol_codes_k1')
+    b = _codes_2d(probe_codes_k2, 'probe_codes_k2')
+    _check_same_shape(a, b, 'enrol_codes_k1', 'probe_codes_k2')
+    labels = _labels_for(labels, a.shape[0])
+    threshold = float(threshold)
+    if not np.isfinite(threshold):
+        raise UserError(f'revocability_rate: threshold must be finite, got {threshold}')
+    i, j = same_subject_pairs(labels, same_sample)
+    if i.size == 0:
+        raise UserError('revocability_rate: no same-subject comparisons')
+    hamming = np.count_nonzero(a[i] != b[j], axis=1)
+    return float(np.mean(hamming < threshold))
+
+
+# ---------------------------------------------------------------------------------------------
+def plot_unlinkability(mated, nonmated, s, d_local, d_sys, path, bins=None):
+    """Save score histograms of both hypotheses with D(s) on a twin axis (D_sys in the title)."""
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    mated = _scores_1d(mated, 'mated')
+    nonmated = _scores_1d(nonmated, 'nonmated')
+    s = np.asarray(s, np.float64)
+    d_local = np.asarray(d_local, np.float64)
+    if s.shape != d_local.shape or s.ndim != 1:
+        raise UserError('plot_unlinkability: s and d_local must be 1-D arrays of the same length')
+    if bins is None:
+        # The common edges `unlinkability` used: midway between centres, half a bin at the ends.
+        half = np.diff(s) / 2 if s.size > 1 else np.array([0.5])
+        bins = np.r_[s[0] - half[0], s[:-1] + half, s[-1] + half[-1]]
+    bins = np.asarray(bins, np.float64)
+    # D(s) is drawn only where some score fell, so empty bins do not show as drops to zero.
+    seen = (np.histogram(mated, bins)[0] + np.histogram(nonmated, bins)[0]) > 0
+    d_shown = np.where(seen, d_local, np.nan) if seen.size == d_local.size else d_local
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    try:
+        ax.hist(nonmated, bins=bins, density=True, alpha=0.5, color='tab:red',
+                label=f'non-mated (n={nonmated.size})')
+        ax.hist(mated, bins=bins, density=True, alpha=0.5, color='tab:green',
+                label=f'mated (n={mated.size})')
+        ax.set_xlabel('score s (fraction of equal indices)')
+        ax.set_ylabel('probability density')
+        twin = ax.twinx()
+        twin.plot(s, d_shown, color='black', linewidth=1.5, label='D(s)')
+        twin.set_ylim(-0.05, 1.05)
+        twin.set_ylabel('local linkability D(s)')
+        handles = ax.get_legend_handles_labels()
+        more = twin.get_legend_handles_labels()
+        ax.legend(handles[0] + more[0], handles[1] + more[1], loc='upper left', fontsize='small')
+        ax.set_title(f'Unlinkability: D_sys = {d_sys:.4f}')
+        fig.tight_layout()
+        fmt = os.path.splitext(path)[1].lstrip('.').lower() or 'png'
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=120)
+    finally:
+        plt.close(fig)
+    return path

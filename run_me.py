@@ -1,0 +1,53 @@
+"""Hash two photos of one person and one of another with the IoM model; print code distances."""
+import os
+
+from absl import app, flags
+
+from modules.utils import STAGE2_REQUIRED, UserError, cli_guard, load_config, quiet_tensorflow
+
+flags.DEFINE_string('cfg_path', './configs/config_15/cfg15_allloss_res100_512x8.yaml',
+                    'stage-2 config file path')
+flags.DEFINE_string('sample_dir', os.path.join('data', 'samples'),
+                    'folder with personA_1.jpg, personA_2.jpg and personB_1.jpg')
+flags.DEFINE_string('gpu', None, "GPUs to use, e.g. '0' (default: all visible)")
+FLAGS = flags.FLAGS
+SAMPLES = ('personA_1.jpg', 'personA_2.jpg', 'personB_1.jpg')
+
+
+def read_face(path, size):
+    """An aligned face photo as RGB float32 in [0, 1], resized to size x size."""
+    import cv2
+    import numpy as np
+    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    if image is None:
+        raise UserError(f'cannot read image {path}')
+    if image.shape[:2] != (size, size):
+        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
+
+
+@cli_guard
+def main(_):
+    """Build and load the IoM model, print its summary, the codes and the two distances."""
+    cfg = load_config(FLAGS.cfg_path, STAGE2_REQUIRED)
+    quiet_tensorflow()
+    import numpy as np
+
+    from modules.models import load_iom_model
+    from modules.training import configure_devices
+    configure_devices(FLAGS.gpu)
+    images = np.stack([read_face(os.path.join(FLAGS.sample_dir, name), cfg['input_size'])
+                       for name in SAMPLES])
+    model = load_iom_model(cfg)
+    model.summary()
+    codes = model(images, training=False).numpy()
+    for name, code in zip(SAMPLES, codes):
+        shown = ' '.join(map(str, code[:32])) + (' ...' if len(code) > 32 else '')
+        print(f'{name}: [{shown}]')
+    dist_positive = float(np.sum(codes[0] != codes[1]))
+    dist_negative = float(np.sum(codes[0] != codes[2]))
+    print(f'dist_positive: {dist_positive}, dist_negative: {dist_negative}')
+
+
+if __name__ == '__main__':
+    app.run(main)

@@ -1,0 +1,32 @@
+"""Evaluate a stage-1 ArcFace model (float embeddings) on LFW / AgeDB-30 / CFP-FP."""
+from absl import app, flags
+
+from modules.utils import TEST_REQUIRED, cli_guard, load_config, log_dir, quiet_tensorflow
+
+flags.DEFINE_string('cfg_path', './configs/arc_res50.yaml', 'stage-1 config file path')
+flags.DEFINE_string('gpu', None, "GPUs to use, e.g. '0' (default: all visible)")
+FLAGS = flags.FLAGS
+
+
+@cli_guard
+def main(_):
+    """Load the newest checkpoint of the config's run, evaluate it, print and save the results."""
+    cfg = load_config(FLAGS.cfg_path, TEST_REQUIRED)
+    quiet_tensorflow()
+    from modules.evaluations import evaluate_verification, format_table, get_val_data, write_report
+    from modules.models import arcface_from_config, load_backbone_weights
+    from modules.training import configure_devices
+    configure_devices(FLAGS.gpu)
+    model = arcface_from_config(cfg, use_pretrain=False)
+    source = load_backbone_weights(model, cfg, run=cfg['sub_name'])
+    print(f"[*] model: {source or 'random weights'}")
+    results = evaluate_verification(model, get_val_data(cfg['test_dataset']), 'cosine',
+                                    batch_size=cfg['eval_batch_size'], is_flip=cfg['is_flip'],
+                                    is_ccrop=cfg['is_ccrop'])
+    print(format_table(results))
+    for path in write_report(results, log_dir(cfg), 'arcface'):
+        print(f'[*] wrote {path}')
+
+
+if __name__ == '__main__':
+    app.run(main)
