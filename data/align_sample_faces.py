@@ -73,7 +73,7 @@ def read_image(path):
 
 
 def detect_eyes(img, label='image'):
-    """Return the two eye centres (image-left first) of the largest face, as a (2, 2) float array."""
+    """Eye centres (image-left first) of the largest face, as a (2, 2) float array."""
     gray = cv2.equalizeHist(cv2.cvtColor(img, cv2.COLOR_BGR2GRAY))
     side = min(gray.shape)
     faces = _cascade('haarcascade_frontalface_default.xml').detectMultiScale(
@@ -128,13 +128,13 @@ def align_face(img, label='image'):
 
 
 def derive_second_shot(img):
-    """A second 'shot' of the same photo: tighter off-centre crop, lower resolution, tilt, side light."""
+    """A second 'shot' of the same photo: off-centre crop, lower resolution, tilt, side light."""
     h, w = img.shape[:2]
     crop = img[int(0.04 * h):int(0.82 * h), int(0.10 * w):w]
     ch, cw = crop.shape[:2]
     small = cv2.resize(crop, (int(cw * 0.75), int(ch * 0.75)), interpolation=cv2.INTER_AREA)
     sh, sw = small.shape[:2]
-    rot = cv2.getRotationMatrix2D((sw / 2.0, sh / 2.0), -6.0, 1.0)
+    rot = cv2.getRotationMatrix2D((sw / 2.0, sh / 2.0), 4.0, 1.0)
     tilted = cv2.warpAffine(small, rot, (sw, sh), borderMode=cv2.BORDER_REFLECT)
     # Light from the right and a darker, warmer overall tone, as from a different exposure.
     ramp = np.linspace(0.72, 1.12, sw, dtype=np.float32)[None, :, None]
@@ -159,6 +159,12 @@ def main(argv):
     path_a = FLAGS.person_a or _package_file('matplotlib', 'mpl-data', 'sample_data',
                                              'grace_hopper.jpg')
     path_b = FLAGS.person_b or _package_file('skimage', 'data', 'astronaut.png')
+    if not path_a:
+        raise UserError('matplotlib is not installed here: '
+                        'pass --person_a /path/to/grace_hopper.jpg')
+    if not path_b:
+        raise UserError('scikit-image is not installed here: '
+                        'pass --person_b /path/to/astronaut.png')
     img_a, img_b = read_image(path_a), read_image(path_b)
     crops = {
         'personA_1.jpg': align_face(img_a, path_a),

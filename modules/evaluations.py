@@ -56,7 +56,7 @@ def _safe_dtype(spec, align=False, copy=False):
 def _safe_scalar(dtype, data=b''):
     if not isinstance(dtype, _BoolDtypeToken):
         raise pickle.UnpicklingError('numpy scalar of a dtype other than bool')
-    if isinstance(data, str):  # a Python 2 pickle read with encoding='latin1'
+    if isinstance(data, str):  # raw bytes that an old pickle stored as latin1 text
         data = data.encode('latin-1')
     if not isinstance(data, bytes) or len(data) != 1:
         raise pickle.UnpicklingError('malformed numpy bool scalar')
@@ -143,7 +143,7 @@ def _read_bcolz(data_dir, list_path):
     step = 512  # bounded chunks: the whole set never exists twice in memory
     for start in range(0, shape[0], step):
         block = np.asarray(carray[start:start + step], dtype=np.float32)
-        # NCHW BGR in [-1, 1] -> NHWC RGB in [0, 1]
+        # face.evoLVe stores NCHW BGR in [-1, 1]; our models take NHWC RGB in [0, 1].
         images[start:start + step] = block[:, ::-1].transpose(0, 2, 3, 1) * 0.5 + 0.5
     return images, issame
 
@@ -456,7 +456,7 @@ def verification_metrics(distances, issame, nrof_folds=10, thresholds=None):
     imp_at_or_above = imp[-1][None, :] - imp[below]              # (T, K)
     correct = gen_below + imp_at_or_above                        # per fold, per threshold
     train_correct = correct.sum(axis=1, keepdims=True) - correct  # the other folds
-    best = np.argmax(train_correct, axis=0)                      # first best, as np.argmax
+    best = np.argmax(train_correct, axis=0)  # the first best, as the research code's loop chose
     fold_sizes = np.bincount(fold, minlength=nrof_folds)
     fold_acc = correct[best, np.arange(nrof_folds)] / fold_sizes
     fold_thr = thresholds[best]

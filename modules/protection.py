@@ -26,24 +26,31 @@ def _scores_1d(values, what):
 
 
 def _common_edges(mated, nonmated, bins):
-    """Bin edges shared by both score sets: explicit edges, or `bins` bins over their range."""
+    """(edges, centres) of the bins shared by both score sets."""
     if np.ndim(bins) != 0:
         edges = np.asarray(bins, np.float64)
         if edges.ndim != 1 or edges.size < 2 or np.any(np.diff(edges) <= 0):
             raise UserError('unlinkability: bin edges must be a strictly increasing 1-D sequence')
-        return edges
+        return edges, 0.5 * (edges[:-1] + edges[1:])
     if isinstance(bins, bool) or int(bins) != bins or bins < 1:
         raise UserError(f'unlinkability: bins must be a positive integer or edges, got {bins!r}')
     values = np.unique(np.concatenate([mated, nonmated]))
     if values.size == 1:
-        return np.array([values[0] - 0.5, values[0] + 0.5])
+        return np.array([values[0] - 0.5, values[0] + 0.5]), values
     if values.size <= bins:
-        # Discrete scores (code similarities are multiples of 1/m): one bin per value, so that
-        # equal-width bins cannot alias against the score lattice and leave empty bins between.
-        mids = 0.5 * (values[1:] + values[:-1])
-        gap = np.min(np.diff(values)) / 2
-        return np.r_[values[0] - gap, mids, values[-1] + gap]
-    return np.linspace(values[0], values[-1], int(bins) + 1)
+        # Discrete scores (code similarities are multiples of 1/m): one bin per value, centred on
+        # it, so that equal-width bins cannot alias against the score lattice.
+        return _edges_around(values), values
+    edges = np.linspace(values[0], values[-1], int(bins) + 1)
+    return edges, 0.5 * (edges[:-1] + edges[1:])
+
+
+def _edges_around(centres):
+    """Edges midway between sorted centres, the outer ones half a neighbouring gap outside."""
+    if centres.size == 1:
+        return np.array([centres[0] - 0.5, centres[0] + 0.5])
+    half = np.diff(centres) / 2
+    return np.r_[centres[0] - half[0], centres[:-1] + half, centres[-1] + half[-1]]
 
 
 def unlinkability(mated_scores, nonmated_scores, bins=DEFAULT_BINS, omega=1.0):
@@ -63,13 +70,13 @@ def unlinkability(mated_scores, nonmated_scores, bins=DEFAULT_BINS, omega=1.0):
     D(s) is written as (omega*p_m - p_nm) / (omega*p_m + p_nm), which equals the form above and
     is 1 where p_nm = 0 < p_m (LR infinite); bins where both densities vanish get D = 0 (they carry
     no mated mass). D_sys is 0 for fully unlinkable and 1 for fully linkable templates. `s` holds
-    the bin centres, `d_local` D(s) per bin.
+    the bin centres (the values themselves for discrete scores), `d_local` D(s) per bin.
     """
     mated = _scores_1d(mated_scores, 'mated_scores')
     nonmated = _scores_1d(nonmated_scores, 'nonmated_scores')
     if not omega > 0:
         raise UserError(f'unlinkability: omega must be positive, got {omega!r}')
-    edges = _common_edges(mated, nonmated, bins)
+    edges, s = _common_edges(mated, nonmated, bins)
     # Mass per bin; the bin width cancels in LR and in the D_sys sum, so masses suffice.
     p_m = np.histogram(mated, edges)[0] / mated.size
     p_nm = np.histogram(nonmated, edges)[0] / nonmated.size
@@ -77,7 +84,6 @@ def unlinkability(mated_scores, nonmated_scores, bins=DEFAULT_BINS, omega=1.0):
     den = omega * p_m + p_nm
     d_local = np.where(num > 0, num / np.where(den > 0, den, 1.0), 0.0)
     d_sys = float(np.sum(p_m * d_local))
-    s = 0.5 * (edges[:-1] + edges[1:])
     return s, d_local, d_sys
 
 
@@ -161,7 +167,7 @@ def different_subject_pairs(labels, max_pairs=DEFAULT_MAX_PAIRS, seed=0):
         return np.empty(0, np.int64), np.empty(0, np.int64)
     i, others = i[valid], others[valid]
     # A position among the other subjects' samples in label order, skipping i's own block.
-    r = np.floor(rng.random(i.size) * others).astype(np.int64)
+    r = rng.integers(0, others)
     r = np.where(r < group_start[i], r, r + group_size[i])
     return i, order[r]
 
@@ -181,8 +187,12 @@ def mated_nonmated_scores(codes_key1, codes_key2, labels, max_pairs=DEFAULT_MAX_
     `labels[i]` its subject. Mated: template i under key 1 against template j under key 2 of the
     same subject (j != i unless `same_sample`, which also admits the same sample re-hashed).
     Non-mated: i and j of different subjects, again across the keys. Each set holds at most
-    `max_pairs` scores (a seeded random subset when there are more).
+    `max_pairs` scores (a seeded random subset when there are more; see
+    `different_subject_pairs`). Mated pairs are enumerated per subject before subsampling.
     """
+    if isinstance(max_pairs, bool) or not isinstance(max_pairs, (int, np.integer)) \
+            or max_pairs < 1:
+        raise UserError(f'max_pairs must be a positive integer, got {max_pairs!r}')
     a = _codes_2d(codes_key1, 'codes_key1')
     b = _codes_2d(codes_key2, 'codes_key2')
     _check_same_shape(a, b, 'codes_key1', 'codes_key2')
@@ -225,6 +235,126 @@ def revocability_rate(enrol_codes_k1, probe_codes_k2, labels, threshold, same_sa
 
 
 # ---------------------------------------------------------------------------------------------
+# Verification-set protocol (pair i = images 2i and 2i+1)
+def _issame(issame, n_codes):
+    same = np.asarray(issame).ravel()
+    if same.dtype != np.bool_:
+        if not np.isin(same, (0, 1)).all():
+            raise UserError('issame must hold booleans')
+        same = same.astype(bool)
+    if 2 * same.size != n_codes:
+        raise UserError(f'{same.size} pairs need {2 * same.size} codes, got {n_codes}')
+    return same
+
+
+def pair_labels(issame):
+    """Subject labels for a verification set's 2N images that say only what the pairs say.
+
+    The two images of a genuine pair share a label; every other image gets a label of its own (the
+    pairs do not tell whether images of different pairs show the same person).
+    """
+    same = np.asarray(issame, bool).ravel()
+    n = same.size
+    labels = np.arange(2 * n) + n
+    labels[0::2] = np.where(same, np.arange(n), labels[0::2])
+    labels[1::2] = np.where(same, np.arange(n), labels[1::2])
+    return labels
+
+
+def cross_key_pair_scores(codes_key1, codes_key2, issame, same_sample=False):
+    """(mated, nonmated) cross-key similarity scores over a verification set's pairs.
+
+    Image 2i (key 1) is compared with image 2i+1 (key 2) and image 2i+1 (key 1) with image 2i
+    (key 2): genuine pairs give the mated scores, impostor pairs the non-mated ones, so no pair of
+    unknown relation is used. With `same_sample` the mated scores are instead every image against
+    itself re-hashed under the other key.
+    """
+    a = _codes_2d(codes_key1, 'codes_key1')
+    b = _codes_2d(codes_key2, 'codes_key2')
+    _check_same_shape(a, b, 'codes_key1', 'codes_key2')
+    same = _issame(issame, a.shape[0])
+    forward = similarity_scores(a[0::2], b[1::2])
+    backward = similarity_scores(a[1::2], b[0::2])
+    nonmated = np.r_[forward[~same], backward[~same]]
+    if same_sample:
+        mated = similarity_scores(a, b)
+    else:
+        mated = np.r_[forward[same], backward[same]]
+    if mated.size == 0 or nonmated.size == 0:
+        raise UserError('the verification set needs both genuine and impostor pairs')
+    return mated, nonmated
+
+
+def evaluate_protection(codes_by_key, plain_codes, issame, bins=DEFAULT_BINS):
+    """Unlinkability, revocability and verification of a verification set's codes under keys.
+
+    `codes_by_key`: list of (2N, m) codes, the same images hashed under different keys;
+    `plain_codes`: the same images hashed without permutation. Verification (Hamming distance,
+    modules.evaluations.verification_metrics) is measured per key with one shared key for both
+    images of a pair; its threshold under the first key is the operating point of the
+    revocability rates. Cross-key numbers pool every ordered pair of distinct keys.
+    """
+    from modules import evaluations as ev
+
+    if len(codes_by_key) < 2:
+        raise UserError('evaluate_protection needs codes under at least two keys')
+    codes = [_codes_2d(c, f'codes_by_key[{i}]') for i, c in enumerate(codes_by_key)]
+    plain = _codes_2d(plain_codes, 'plain_codes')
+    for i, c in enumerate(codes):
+        _check_same_shape(c, plain, f'codes_by_key[{i}]', 'plain_codes')
+    same = _issame(issame, plain.shape[0])
+    m = plain.shape[1]
+
+    def verify(c):
+        dist = ev.pair_distances(c[0::2], c[1::2], 'Hamming')
+        met = ev.verification_metrics(dist, same)
+        return {'accuracy': met['accuracy'], 'eer': met['eer'], 'auc': met['auc'],
+                'threshold': met['threshold']}, dist
+
+    per_key = [verify(c) for c in codes]
+    plain_metrics, _ = verify(plain)
+    threshold = per_key[0][0]['threshold']
+    dist0 = per_key[0][1]
+    labels = pair_labels(same)
+    key_pairs = [(a, b) for a in range(len(codes)) for b in range(len(codes)) if a != b]
+    mated, nonmated, mated_self, revoc_pairs, revoc_self = [], [], [], [], []
+    for a, b in key_pairs:
+        mt, nm = cross_key_pair_scores(codes[a], codes[b], same)
+        mated.append(mt)
+        nonmated.append(nm)
+        mated_self.append(similarity_scores(codes[a], codes[b]))
+        revoc_pairs.append(revocability_rate(codes[a], codes[b], labels, threshold,
+                                             same_sample=False))
+        revoc_self.append(revocability_rate(codes[a], codes[b], np.arange(labels.size),
+                                            threshold, same_sample=True))
+    mated, nonmated, mated_self = map(np.concatenate, (mated, nonmated, mated_self))
+    s, d_local, d_sys = unlinkability(mated, nonmated, bins)
+    _, _, d_sys_self = unlinkability(mated_self, nonmated, bins)
+    eers = [met['eer'] for met, _ in per_key]
+    return {
+        'num_keys': len(codes), 'num_pairs': int(same.size), 'm': int(m),
+        'd_sys': d_sys, 'd_sys_same_sample': d_sys_self,
+        'num_mated': int(mated.size), 'num_nonmated': int(nonmated.size),
+        'mated_mean': float(mated.mean()), 'nonmated_mean': float(nonmated.mean()),
+        'threshold': threshold,
+        'accept_rule': 'Hamming distance < threshold',
+        # Same-key operating point, for scale: genuine / impostor pairs accepted under key 0.
+        'tar_same_key': float(np.mean(dist0[same] < threshold)),
+        'far_same_key': float(np.mean(dist0[~same] < threshold)),
+        'revocability_rate': float(np.mean(revoc_pairs)),
+        'revocability_rate_same_sample': float(np.mean(revoc_self)),
+        'verification_per_key': [met for met, _ in per_key],
+        'eer_shared_key': eers[0],
+        'eer_shared_key_mean': float(np.mean(eers)),
+        'eer_shared_key_std': float(np.std(eers)),
+        'verification_plain': plain_metrics,
+        'eer_plain': plain_metrics['eer'],
+        # Arrays for plot_unlinkability (not written to JSON by the CLI).
+        'scores': {'mated': mated, 'nonmated': nonmated, 's': s, 'd_local': d_local},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
 def plot_unlinkability(mated, nonmated, s, d_local, d_sys, path, bins=None):
     """Save score histograms of both hypotheses with D(s) on a twin axis (D_sys in the title)."""
     import matplotlib
@@ -238,11 +368,8 @@ def plot_unlinkability(mated, nonmated, s, d_local, d_sys, path, bins=None):
     d_local = np.asarray(d_local, np.float64)
     if s.shape != d_local.shape or s.ndim != 1:
         raise UserError('plot_unlinkability: s and d_local must be 1-D arrays of the same length')
-    if bins is None:
-        # The common edges `unlinkability` used: midway between centres, half a bin at the ends.
-        half = np.diff(s) / 2 if s.size > 1 else np.array([0.5])
-        bins = np.r_[s[0] - half[0], s[:-1] + half, s[-1] + half[-1]]
-    bins = np.asarray(bins, np.float64)
+    # Without explicit edges, rebuild those `unlinkability` used (exact for its default bins).
+    bins = _edges_around(s) if bins is None else np.asarray(bins, np.float64)
     # D(s) is drawn only where some score fell, so empty bins do not show as drops to zero.
     seen = (np.histogram(mated, bins)[0] + np.histogram(nonmated, bins)[0]) > 0
     d_shown = np.where(seen, d_local, np.nan) if seen.size == d_local.size else d_local

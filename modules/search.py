@@ -15,10 +15,15 @@ bit planes differ, so
     mismatches = popcount(OR_b (gallery_plane_b XOR probe_plane_b)),  score = m - mismatches.
 
 With q = 8 there are only 3 planes (192 bytes per code instead of 512), and the scan runs at about
-12 ns per pair. Each chunk is read from memory and sliced once per `search` call; all probes are
-then compared against it while it sits in cache (probes are taken in small blocks so the
+12-16 ns per pair. Each chunk is read from memory and sliced once per `search` call; all probes
+are then compared against it while it sits in cache (probes are taken in small blocks so the
 temporaries also stay in cache). The number of planes is chosen per chunk from the largest index
-present, so small q costs less and q up to 256 still works.
+present, so small q costs less and q up to 256 still works. With only one or two probes the
+slicing does not pay for itself, and chunks are compared byte-wise instead.
+
+The running top-k keeps one int64 key per candidate, mismatches * N + index: ordering keys is
+ordering by (score descending, index ascending), and keys are unique, so np.partition followed by
+a sort gives exactly the order a stable sort on (-score, index) would.
 """
 import numpy as np
 
@@ -29,6 +34,9 @@ DEFAULT_CHUNK_SIZE = 2048
 # small enough that the (pairs x words) uint64 temporaries stay in the L2 cache.
 _PAIRS_PER_BLOCK = 32768
 _WORD_BITS = 64
+_DIRECT_MAX_PROBES = 2
+_BYTE_MASK = np.uint64(0x00FF00FF00FF00FF)
+_SUM_16BIT_LANES = np.uint64(0x0001000100010001)  # multiply: top 16 bits = sum of the 4 lanes
 _MAX_M = 65534  # mismatch counts are uint16 and m + 1 is used as a sentinel
 
 
@@ -84,12 +92,22 @@ class _Scanner:
     """Compute mismatch counts of all probes against gallery chunks, reusing scratch buffers."""
 
     def __init__(self, probes, chunk_size):
+        self.probes = probes
         self.m = probes.shape[1]
+        self.num_probes = probes.shape[0]
+        # With one or two probes, slicing each chunk into bit planes costs more than it saves:
+        # compare the bytes directly (sums of 0/1 bytes in uint64 lanes need m % 8 == 0 and at
+        # most 255 per byte lane, i.e. m <= 2040).
+        self.direct = self.num_probes <= _DIRECT_MAX_PROBES and self.m % 8 == 0 \
+            and self.m <= 8 * 255
+        if self.direct:
+            self.equal = np.empty((self.num_probes, chunk_size, self.m), np.bool_)
+            self.lanes = np.empty((self.num_probes, chunk_size), np.uint64)
+            return
         self.words = -(-self.m // _WORD_BITS)
         self.probe_bits = int(probes.max()).bit_length() if probes.size else 0
         # All 8 planes for the probes (tiny); each chunk uses only the planes it needs.
         self.probe_planes = _bit_planes(probes, 8, self.words)
-        self.num_probes = probes.shape[0]
         self.block = int(np.clip(_PAIRS_PER_BLOCK // chunk_size, 1, max(1, self.num_probes)))
         self.scratch = np.zeros((chunk_size, self.words * _WORD_BITS), np.uint8)
         self.acc = np.empty((self.block, self.words, chunk_size), np.uint64)
@@ -100,6 +118,8 @@ class _Scanner:
 
     def mismatches(self, chunk):
         """Return (num_probes, len(chunk)) uint16 counts of differing indices."""
+        if self.direct:
+            return self._direct(chunk)
         c = chunk.shape[0]
         planes_needed = max(1, self.probe_bits, int(chunk.max()).bit_length())
         gal = _bit_planes(chunk, planes_needed, self.words, self.scratch)
@@ -129,6 +149,17 @@ class _Scanner:
                 out[p0:p0 + nb] = counts[:, 0]
         return out
 
+    def _direct(self, chunk):
+        c = chunk.shape[0]
+        equal = self.equal[:, :c]
+        np.equal(chunk[None], self.probes[:, None, :], out=equal)
+        lanes = self.lanes[:, :c]
+        # Eight 0/1 bytes per uint64: summing the words adds per byte lane (at most m / 8 each).
+        np.sum(equal.view(np.uint64), axis=2, out=lanes)
+        pairs = (lanes & _BYTE_MASK) + ((lanes >> np.uint64(8)) & _BYTE_MASK)
+        matches = (pairs * _SUM_16BIT_LANES) >> np.uint64(48)
+        return (self.m - matches).astype(np.uint16)
+
 
 def _merge_topk(best, mism, start, n_total, k):
     """Fold one chunk's mismatch counts into the running best keys (in place)."""
@@ -136,10 +167,12 @@ def _merge_topk(best, mism, start, n_total, k):
     # Chunks arrive in increasing index order, so a candidate only enters the top-k if its
     # mismatch count is strictly below the current k-th best (an equal count has a larger index).
     thr = (best.max(axis=1) // n_total).astype(mism.dtype)
-    mask = mism < thr[:, None]
-    rows, cols = np.nonzero(mask)
-    if rows.size == 0:
+    # Once the top-k has filled, most chunks improve few probes: find those first, cheaply.
+    active = np.flatnonzero(mism.min(axis=1) < thr)
+    if active.size == 0:
         return
+    sub_rows, cols = np.nonzero(mism[active] < thr[active, None])
+    rows = active[sub_rows]
     keys = mism[rows, cols].astype(np.int64) * n_total + (start + cols)
     urows, first, counts = np.unique(rows, return_index=True, return_counts=True)
     slot = np.arange(rows.size) - np.repeat(first, counts)
@@ -193,7 +226,7 @@ def search(gallery_codes, probe_codes, k, chunk_size=DEFAULT_CHUNK_SIZE):
 
 
 def search_reference(gallery_codes, probe_codes, k):
-    """Plain definition of `search` (full score matrix, lexsort): for checks on small inputs only."""
+    """Plain definition of `search` (score matrix + lexsort), for checks on small inputs only."""
     gallery = pack_codes(gallery_codes, name='gallery_codes').astype(np.int64)
     probes = pack_codes(probe_codes, name='probe_codes').astype(np.int64)
     scores = (probes[:, None, :] == gallery[None, :, :]).sum(axis=2)

@@ -5,6 +5,7 @@ counter is the global step, a CheckpointManager that saves model + optimizer eve
 (so a killed run resumes exactly where its last checkpoint was), TensorBoard scalars, a tqdm bar
 and a guard that stops on a non-finite loss without overwriting the last good checkpoint.
 """
+import hashlib
 import json
 import math
 import os
@@ -93,6 +94,7 @@ class RunState:
                                                     tempfile.mkdtemp(prefix='logs_worker_'))
         self.bar = None
         self.started = None
+        self.warm = None
         self.images = 0
 
     @property
@@ -117,8 +119,12 @@ class RunState:
             raise NonFiniteLoss(f'loss became {loss} at step {self.step}; stopped without '
                                 f'saving, last good checkpoint: {self.manager.latest_checkpoint}')
         step = self.step
-        self.images += self.batch_size
-        rate = self.images / max(time.perf_counter() - self.started, 1e-9)
+        if self.images == 0 and self.started is not None and self.warm is None:
+            # The first step traces the tf.function: leave it out of the throughput.
+            self.warm = time.perf_counter()
+        else:
+            self.images += self.batch_size
+        rate = self.images_per_second()
         self.bar.set_postfix(loss=f'{loss:.4f}', img_s=f'{rate:.1f}', refresh=False)
         self.bar.update(1)
         with self.writer.as_default(step=step):
@@ -139,8 +145,10 @@ class RunState:
         self.manager.save(checkpoint_number=self.step)
 
     def images_per_second(self):
-        """Mean training throughput since start()."""
-        return self.images / max(time.perf_counter() - self.started, 1e-9)
+        """Mean training throughput after the first (tracing) step."""
+        if self.warm is None:
+            return 0.0
+        return self.images / max(time.perf_counter() - self.warm, 1e-9)
 
     def close(self):
         """Close the bar and flush the logs."""
@@ -184,6 +192,10 @@ def train_stage1(cfg, mode='eager_tf', strategy=None):
     dataset = load_tfrecord_dataset(cfg['train_dataset'], global_batch,
                                     binary_img=cfg['binary_img'], is_ccrop=cfg['is_ccrop'],
                                     buffer_size=cfg['shuffle_buffer'])
+    options = tf.data.Options()
+    # One TFRecord file cannot be split by file between workers: shard by element instead.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    dataset = dataset.with_options(options)
     state.start()
     try:
         if state.step < total_steps:
@@ -315,29 +327,32 @@ class Stage2Model:
         return self.w_decay * tf.add_n([tf.reduce_sum(tf.square(k)) for k in kernels])
 
 
-def _embedding_cache(cfg, net, paths, labels):
+def _embedding_cache(cfg, net, folders):
     """Backbone embeddings of every training image, computed once and kept beside the checkpoints.
 
-    The cache is valid only while the backbone is frozen and the images are not augmented: it is
-    keyed by the backbone weights' source and the file list, and recomputed if either changes.
+    Valid because the backbone is frozen and stage-2 images are not augmented. The cache is keyed
+    by the backbone weights' source and the image list, and recomputed if either changes.
     """
-    from modules.dataset import decode_image_files
-    from modules.evaluations import extract_embeddings
+    from modules.dataset import image_file_dataset
     from modules.utils import atomic_output
-    key = json.dumps({'backbone': net.backbone_source, 'files': len(paths),
-                      'first': paths[0], 'last': paths[-1], 'ccrop': cfg['is_ccrop']})
+    digest = hashlib.sha256(b'\0'.join(folders.rel_paths.tolist())).hexdigest()
+    key = json.dumps({'backbone': net.backbone_source, 'root': folders.root, 'files': digest,
+                      'ccrop': cfg['is_ccrop'], 'size': cfg['input_size']})
     path = os.path.join(checkpoint_dir(cfg), 'embedding_cache.npz')
     if os.path.isfile(path):
         with np.load(path, allow_pickle=False) as cached:
             if str(cached['key']) == key:
                 print(f'[*] using cached embeddings {path}')
                 return cached['embeddings']
-    print(f'[*] computing backbone embeddings of {len(paths)} training images (once)')
-    images = decode_image_files(paths, cfg['input_size'])
-    embeddings = extract_embeddings(net.arcface_model, images, batch_size=cfg['eval_batch_size'],
-                                    is_ccrop=cfg['is_ccrop']).astype(np.float32)
+    paths = [folders.path(i) for i in range(folders.num_images)]
+    dataset = image_file_dataset(paths, cfg['eval_batch_size'], is_ccrop=cfg['is_ccrop'])
+    embed = tf.function(lambda x: net.arcface_model(x, training=False))
+    chunks = [embed(images).numpy() for images in tqdm(
+        dataset, total=math.ceil(len(paths) / cfg['eval_batch_size']), unit='batch',
+        desc='embedding cache')]
+    embeddings = np.concatenate(chunks).astype(np.float32)
     with atomic_output(path) as fh:
-        np.savez(fh, key=np.array(key), embeddings=embeddings, labels=labels)
+        np.savez(fh, key=np.array(key), embeddings=embeddings)
     return embeddings
 
 
@@ -372,15 +387,15 @@ def train_stage2(cfg, strategy=None):
     seed = state.step
 
     if cfg['cache_embeddings']:
-        paths, labels = list_identity_folders(cfg['train_dataset'], cfg['img_ext'])
-        embeddings = _embedding_cache(cfg, net, paths, labels)
-        labels = np.asarray(labels, np.int64)
+        folders = list_identity_folders(cfg['train_dataset'], cfg['img_ext'])
+        embeddings = _embedding_cache(cfg, net, folders)
+        labels = folders.labels
 
         def batches():
             epoch = 0
             while True:
                 for idx in pk_index_batches(labels, cfg['classes_per_batch'],
-                                            cfg['samples_per_class'], seed=seed + epoch):
+                                            cfg['samples_per_class'], seed=seed, epoch=epoch):
                     yield embeddings[idx], labels[idx]
                 epoch += 1
 
@@ -391,15 +406,14 @@ def train_stage2(cfg, strategy=None):
     else:
         dataset = load_pk_dataset(cfg['train_dataset'], cfg['classes_per_batch'],
                                   cfg['samples_per_class'], img_ext=cfg['img_ext'],
-                                  is_ccrop=cfg['is_ccrop'], seed=seed)[0]
+                                  is_ccrop=cfg['is_ccrop'], augment=False, seed=seed)[0]
         embed = net.arcface_model
 
     def replica_step(inputs, labels):
         embeddings = inputs if embed is None else embed(inputs, training=False)
         with tf.GradientTape() as tape:
             logits = net.logits(embeddings, training=True)
-            codes = net.head(logits, training=True)
-            probs = net.head.probabilities(logits)
+            codes, probs = net.head.soft_outputs(logits)
             total, terms = loss_fn(labels, codes, probs, net.l2())
             scaled = total / strategy.num_replicas_in_sync
         grads = tape.gradient(scaled, net.trainable_variables)

@@ -59,7 +59,8 @@ class Key:
 _NUM = (int, float)
 SCHEMA = {
     # general
-    'batch_size': Key((int,), REQUIRED, doc='training batch size (global, over all replicas)'),
+    'batch_size': Key((int,), REQUIRED, doc='global training batch size (stage 2: must equal '
+                       'classes_per_batch x samples_per_class)'),
     'eval_batch_size': Key((int,), 64, doc='batch size for embedding extraction'),
     'input_size': Key((int,), 112, doc='input image side in pixels'),
     'embd_shape': Key((int,), 512, doc='embedding size of the backbone output layer'),
@@ -218,6 +219,12 @@ def load_config(path, required=STAGE1_REQUIRED):
 
 
 # ---------------------------------------------------------------------------------------------
+def _umask_mode():
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_output(path, mode='wb'):
     """Open a temporary file beside `path`; rename it into place only if the block succeeds."""
@@ -227,6 +234,7 @@ def atomic_output(path, mode='wb'):
     try:
         with os.fdopen(fd, mode) as fh:
             yield fh
+        os.chmod(tmp, _umask_mode())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -243,6 +251,8 @@ def atomic_path(path):
     os.close(fd)
     try:
         yield tmp
+        if os.path.isfile(tmp):
+            os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

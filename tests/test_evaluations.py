@@ -3,6 +3,7 @@ hand-computed codes, both verification readers, the hostile-pickle guard, extrac
 import json
 import os
 import pickle
+import struct
 
 import cv2
 import numpy as np
@@ -276,6 +277,25 @@ def test_bin_with_numpy_bools_protocol2_and_resize(tmp_path):
     np.testing.assert_array_equal(same, issame)
     assert images.shape == (6, 112, 112, 3)
     np.testing.assert_allclose(images[0], 200 / 255, atol=1e-6)
+
+
+def _py2_pickle(bins, issame):
+    """What Python 2 wrote: images as `str` (BINSTRING), numpy bools via numpy globals."""
+    out = [b'\x80\x02]('] + [b'T' + struct.pack('<I', len(b)) + b for b in bins] + [b'e](']
+    for value in issame:
+        out.append(b'cnumpy.core.multiarray\nscalar\ncnumpy\ndtype\nU\x02b1K\x00K\x01\x87R'
+                   b'(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb'
+                   + (b'U\x01\x01' if value else b'U\x01\x00') + b'\x86R')
+    out.append(b'e\x86.')
+    return b''.join(out)
+
+
+def test_bin_written_by_python2(tmp_path):
+    rgb, issame = _tiny_set()
+    (tmp_path / 'agedb_30.bin').write_bytes(_py2_pickle(_encode(rgb), issame))
+    images, same = E.load_verification_set(str(tmp_path), 'agedb_30')
+    np.testing.assert_array_equal(same, issame)
+    assert np.abs(images - rgb).mean() < 0.01
 
 
 def test_get_val_data_all_sets_and_missing(tmp_path):

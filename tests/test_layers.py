@@ -109,11 +109,12 @@ def _np_softmax(z):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def test_iom_head_soft_and_hard_indices():
+@pytest.mark.parametrize('jit', [True, False])
+def test_iom_head_soft_and_hard_indices(jit):
     m, q, batch = 6, 8, 5
     rng = np.random.default_rng(2)
     x = (3 * rng.normal(size=(batch, m * q))).astype(np.float32)
-    head = IoMHead(m, q, T=0.7)
+    head = IoMHead(m, q, T=0.7, jit_compile=jit)
     soft = head(x, training=True).numpy()
     hard = head(x, training=False)
     assert soft.shape == (batch, m) and soft.dtype == np.float32
@@ -141,11 +142,48 @@ def test_iom_head_soft_tends_to_hard_as_temperature_falls():
     assert np.abs(warm - np.round(warm)).max() > 0.1  # a warm softmax is far from integers
 
 
+@pytest.mark.parametrize('jit', [True, False])
+def test_iom_head_hand_written_gradient_matches_autodiff(jit):
+    """The custom gradient of (soft indices, probabilities) equals TF's own differentiation."""
+    m, q, T = 4, 8, 0.3
+    rng = np.random.default_rng(6)
+    x = tf.Variable(rng.normal(size=(5, m * q)).astype(np.float32))
+    w_s = tf.constant(rng.normal(size=(5, m)).astype(np.float32))
+    w_p = tf.constant(rng.normal(size=(5, m, q)).astype(np.float32))
+    head = IoMHead(m, q, T=T, jit_compile=jit)
+
+    def plain(v):
+        p = tf.nn.softmax(tf.reshape(v, [-1, m, q]) / T, axis=-1)
+        return tf.reduce_sum(p * tf.range(q, dtype=tf.float32), axis=-1), p
+
+    for use_s, use_p in ((1.0, 0.0), (0.0, 1.0), (1.0, 1.0)):
+        with tf.GradientTape(persistent=True) as tape:
+            s, p = head.soft_outputs(x)
+            rs, rp = plain(x)
+            loss = use_s * tf.reduce_sum(s * w_s) + use_p * tf.reduce_sum(p * w_p)
+            ref = use_s * tf.reduce_sum(rs * w_s) + use_p * tf.reduce_sum(rp * w_p)
+        np.testing.assert_allclose(s.numpy(), rs.numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(tape.gradient(loss, x).numpy(), tape.gradient(ref, x).numpy(),
+                                   rtol=1e-4, atol=1e-5)
+
+    @tf.function
+    def graph_grad():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(head(x, training=True) * w_s)
+        return tape.gradient(loss, x)
+
+    with tf.GradientTape() as tape:
+        ref = tf.reduce_sum(plain(x)[0] * w_s)
+    np.testing.assert_allclose(graph_grad().numpy(), tape.gradient(ref, x).numpy(), rtol=1e-4,
+                               atol=1e-5)
+
+
 def test_iom_head_config_checks_and_gradient():
-    head = IoMHead(4, 8, T=0.01, name='IoMHead')
+    head = IoMHead(4, 8, T=0.01, jit_compile=False, name='IoMHead')
     config = head.get_config()
     clone = IoMHead.from_config(config)
     assert (clone.m, clone.q, clone.T, clone.name) == (4, 8, 0.01, 'IoMHead')
+    assert clone.jit_compile is False and IoMHead(4, 8).jit_compile is True
     with pytest.raises(ValueError, match='32 input features'):
         head(np.zeros((2, 30), np.float32))
     with pytest.raises(UserError, match='T must be > 0'):

@@ -1,12 +1,19 @@
 """Unlinkability (Gomez-Barrero et al. 2018), cross-key scores and revocability on IoM codes."""
+import json
 import os
+import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from modules.protection import (
+    cross_key_pair_scores,
     different_subject_pairs,
+    evaluate_protection,
     mated_nonmated_scores,
+    pair_labels,
     plot_unlinkability,
     revocability_rate,
     same_subject_pairs,
@@ -16,6 +23,7 @@ from modules.protection import (
 from modules.utils import UserError
 
 M, Q = 256, 8
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _subjects(num_subjects=150, per_subject=4, noise=0.3, seed=0):
@@ -181,3 +189,83 @@ def test_plot_unlinkability(tmp_path):
     with open(path, 'rb') as fh:
         assert fh.read(8) == b'\x89PNG\r\n\x1a\n'
     assert os.listdir(tmp_path / 'sub') == ['unlinkability.png']
+
+
+def _verification_set(num_pairs=300, seed=0):
+    """Codes laid out as a verification set: pair i = rows 2i, 2i+1; half the pairs genuine."""
+    codes, labels = _subjects(num_subjects=num_pairs, per_subject=2, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    issame = rng.random(num_pairs) < 0.5
+    # An impostor pair: replace its second image by another subject's first sample.
+    other = (np.arange(num_pairs) + 1) % num_pairs
+    second = np.where(issame, 2 * np.arange(num_pairs) + 1, 2 * other)
+    rows = np.stack([2 * np.arange(num_pairs), second], axis=1).ravel()
+    return codes[rows], issame
+
+
+def test_pair_labels_and_cross_key_scores():
+    np.testing.assert_array_equal(pair_labels([True, False, True]), [0, 0, 5, 6, 2, 2])
+    codes, issame = _verification_set(num_pairs=200)
+    mated, nonmated = cross_key_pair_scores(codes, codes, issame)
+    assert mated.size == 2 * issame.sum() and nonmated.size == 2 * (~issame).sum()
+    assert mated.min() > 0.4 and nonmated.mean() == pytest.approx(1 / Q, abs=0.01)
+    mated, _ = cross_key_pair_scores(codes, codes, issame, same_sample=True)
+    assert mated.size == codes.shape[0] and np.all(mated == 1.0)
+    with pytest.raises(UserError, match='pairs need'):
+        cross_key_pair_scores(codes, codes, issame[:-1])
+
+
+def test_evaluate_protection_synthetic():
+    codes, issame = _verification_set()
+    keyed = [_under_key(codes, key) for key in (11, 12, 13)]
+    report = evaluate_protection(keyed, codes, issame)
+    # A key permutes positions: same-key verification is unchanged, cross-key codes unrelated.
+    assert report['eer_shared_key'] == pytest.approx(report['eer_plain'])
+    assert report['eer_plain'] < 0.05
+    assert report['tar_same_key'] > 0.9
+    assert report['d_sys'] < 0.15 and report['d_sys_same_sample'] < 0.15
+    assert report['revocability_rate'] == 0.0 and report['revocability_rate_same_sample'] == 0.0
+    assert report['num_mated'] == 6 * 2 * issame.sum()
+    # The same key twice is fully linkable and not revoked at all.
+    same = evaluate_protection([keyed[0], keyed[0]], codes, issame)
+    assert same['d_sys'] > 0.9 and same['d_sys_same_sample'] == pytest.approx(1.0)
+    assert same['revocability_rate_same_sample'] == 1.0
+    assert same['revocability_rate'] == pytest.approx(same['tar_same_key'])
+    with pytest.raises(UserError, match='at least two keys'):
+        evaluate_protection(keyed[:1], codes, issame)
+
+
+def _run_cli(args, cwd):
+    env = dict(os.environ, PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES='-1', TF_CPP_MIN_LOG_LEVEL='2')
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'eval_protection.py')] + args,
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_eval_protection_cli(tmp_path):
+    import cv2
+    import yaml
+
+    rng = np.random.default_rng(0)
+    encoded = [cv2.imencode('.jpg', (rng.random((112, 112, 3)) * 255).astype(np.uint8))[1]
+               .tobytes() for _ in range(24)]
+    (tmp_path / 'val').mkdir()
+    (tmp_path / 'val' / 'lfw.bin').write_bytes(
+        pickle.dumps((encoded, [bool(i % 2) for i in range(12)]), protocol=4))
+    cfg = dict(batch_size=8, eval_batch_size=8, sub_name='prot', backbone_type='MobileNetV2',
+               use_pretrain=False, head_type='IoMHead', train_dataset='unused', num_classes=2,
+               num_samples=8, epochs=1, base_lr=0.001, test_dataset='val', q=4, m=16,
+               loss_fun='batch_hard_triplet', perm_key=3)
+    (tmp_path / 'cfg.yaml').write_text(yaml.safe_dump(cfg))
+
+    bad = _run_cli(['--cfg_path', 'cfg.yaml', '--num_keys', '1'], tmp_path)
+    assert bad.returncode == 2 and 'num_keys' in bad.stderr
+
+    done = _run_cli(['--cfg_path', 'cfg.yaml', '--num_keys', '3'], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert 'D_sys (mated: genuine pairs)' in done.stdout
+    with open(tmp_path / 'logs' / 'prot' / 'protection_lfw.json') as fh:
+        report = json.load(fh)
+    assert report['num_keys'] == 3 and len(report['keys']) == 3 and report['num_pairs'] == 12
+    assert 0.0 <= report['d_sys'] <= 1.0 and 0.0 <= report['revocability_rate'] <= 1.0
+    assert report['num_mated'] == 3 * 2 * 2 * 6 and report['threshold'] > 0
+    assert os.path.getsize(tmp_path / 'logs' / 'prot' / 'unlinkability_lfw.png') > 1000

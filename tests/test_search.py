@@ -50,6 +50,17 @@ def test_search_random_sweep():
         _check(gallery, probes, int(rng.integers(1, n + 1)), int(rng.integers(1, 2 * n + 2)))
 
 
+@pytest.mark.parametrize('num_probes, m', [(1, 64), (2, 8), (2, 2040), (1, 70), (3, 64)])
+def test_search_few_probes(num_probes, m):
+    # One or two probes with m % 8 == 0 take the byte-wise path; the others the bit planes.
+    rng = np.random.default_rng(num_probes * 100 + m)
+    gallery = rng.integers(0, 3, (45, m))
+    probes = rng.integers(0, 3, (num_probes, m))
+    probes[-1] = gallery[44]
+    for k, chunk_size in ((1, 7), (10, 4), (45, 16)):
+        _check(gallery, probes, k, chunk_size)
+
+
 def test_search_independent_of_chunk_size_and_dtype():
     rng = np.random.default_rng(3)
     gallery = rng.integers(0, 8, (300, 512))

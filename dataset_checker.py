@@ -1,0 +1,23 @@
+"""Check a config's training data: decode a few batches, print their statistics, draw a grid."""
+from absl import app, flags
+
+from modules.utils import cli_guard, load_config, quiet_tensorflow
+
+flags.DEFINE_string('cfg_path', './configs/arc_res50.yaml', 'config file path (stage 1 or 2)')
+flags.DEFINE_integer('num_batches', 2, 'number of batches to decode')
+flags.DEFINE_string('output', 'logs/dataset_check.png', 'PNG grid of up to 32 images')
+flags.DEFINE_boolean('augment', True, 'show the training augmentations (--noaugment: plain images)')
+FLAGS = flags.FLAGS
+
+
+@cli_guard
+def main(_):
+    """Load the config and check its train_dataset."""
+    cfg = load_config(FLAGS.cfg_path, required=('train_dataset', 'batch_size'))
+    quiet_tensorflow()
+    from modules.dataset import check_dataset
+    check_dataset(cfg, FLAGS.num_batches, FLAGS.output, augment=FLAGS.augment)
+
+
+if __name__ == '__main__':
+    app.run(main)

@@ -1,0 +1,528 @@
+"""Training data: identity folders, TFRecord conversion, stage-1 and stage-2 (PK) tf.data pipelines.
+
+Images on disk follow the "MS1M align_112" layout, `root/<identity>/<image>.jpg`, one folder per
+identity. An identity's label is the index of its folder name in the sorted list of identity
+folders that hold at least one image (so labels are always 0..num_identities-1).
+
+Every pipeline yields `(images, labels)`: images RGB float32 in [0, 1] of shape
+(batch, 112, 112, 3), labels int64. Images whose decoded size is not 112x112 (e.g. VGGFace2-style
+folders, config `dataset_ext: 'vgg'`) are resized to 112x112, so both `dataset_ext` flavours are
+accepted.
+
+TensorFlow, OpenCV and matplotlib are imported inside the functions that need them, so that
+`pk_index_batches` (pure numpy, also used on cached embeddings) stays cheap to import.
+"""
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+
+import numpy as np
+
+from modules.utils import UserError, atomic_output, atomic_path
+
+IMAGE_SIZE = 112
+_AUG_RESIZE = 128  # augmentations resize to 128x128 and crop 112x112 back out of it
+_SATURATION = (0.6, 1.4)
+# The original added a brightness delta of up to 0.4 to 0..255 pixel values (before dividing by
+# 255): in [0, 1] units that is 0.4 / 255. Keeping its effective strength; a delta of 0.4 on [0, 1]
+# images would black out or wash out many faces.
+_BRIGHTNESS_DELTA = 0.4 / 255
+_DEFAULT_EXTS = ('.jpg', '.jpeg', '.png', '.bmp')
+# Formats both OpenCV (used to vet images) and tf.io.decode_image (used in training) understand.
+_MAGIC = (b'\xff\xd8', b'\x89PNG', b'BM')
+_CHUNK = 512
+
+
+# ---------------------------------------------------------------------------------------------
+# Identity folders
+class IdentityFolders(NamedTuple):
+    """Images of an identity-folder tree: `root`, identity `names`, per-image paths and labels."""
+
+    root: str  # absolute path of the tree
+    names: list  # identity folder names; label i is names[i]
+    rel_paths: np.ndarray  # bytes ('S' dtype), '<identity>/<file>', relative to root
+    labels: np.ndarray  # int64, one per image
+    empty_folders: list  # identity folders without images, left out
+
+    @property
+    def num_identities(self):
+        """Number of identities (folders holding at least one image)."""
+        return len(self.names)
+
+    @property
+    def num_images(self):
+        """Number of images over all identities."""
+        return len(self.labels)
+
+    def path(self, i):
+        """Absolute path of image `i`."""
+        return os.path.join(self.root, os.fsdecode(self.rel_paths[i]))
+
+
+def _normalise_exts(img_ext):
+    if img_ext is None:
+        return _DEFAULT_EXTS
+    exts = (img_ext,) if isinstance(img_ext, str) else tuple(img_ext)
+    return tuple('.' + e.lower().lstrip('.') for e in exts)
+
+
+def list_identity_folders(root, img_ext=None):
+    """List `root/<identity>/<image>` files; label = index of the sorted identity folder name.
+
+    `img_ext` is an extension ('jpg') or a list of them; None accepts jpg, jpeg, png and bmp (case
+    insensitive). Hidden entries and files directly under `root` are ignored. Identity folders
+    without images are left out (and listed in `empty_folders`, with a warning), so labels stay
+    contiguous. A missing root, or one without any image, is a UserError.
+    """
+    if not root:
+        raise UserError('no dataset folder given (expected <root>/<identity>/<image>.jpg)')
+    if not os.path.exists(root):
+        raise UserError(f'dataset folder not found: {root}')
+    if not os.path.isdir(root):
+        raise UserError(f'dataset path is not a folder: {root} '
+                        '(expected <root>/<identity>/<image>)')
+    exts = _normalise_exts(img_ext)
+    root = os.path.abspath(root)
+    with os.scandir(root) as it:
+        folders = sorted(e.name for e in it if e.is_dir() and not e.name.startswith('.'))
+    if not folders:
+        raise UserError(f'{root}: no identity folders (expected <root>/<identity>/<image>.jpg)')
+    names, rel_paths, counts, empty = [], [], [], []
+    for name in folders:
+        with os.scandir(os.path.join(root, name)) as it:
+            files = sorted(e.name for e in it if e.is_file() and not e.name.startswith('.')
+                           and os.path.splitext(e.name)[1].lower() in exts)
+        if not files:
+            empty.append(name)
+            continue
+        names.append(name)
+        counts.append(len(files))
+        prefix = os.fsencode(name) + b'/'
+        rel_paths.extend(prefix + os.fsencode(f) for f in files)
+    if not names:
+        raise UserError(f"{root}: none of the {len(folders)} identity folders holds an image with "
+                        f"extension {', '.join(exts)}")
+    if empty:
+        shown = ', '.join(empty[:10]) + (' ...' if len(empty) > 10 else '')
+        print(f'warning: {len(empty)} identity folder(s) under {root} hold no images and are '
+              f'ignored: {shown}', file=sys.stderr)
+    labels = np.repeat(np.arange(len(names), dtype=np.int64), counts)
+    return IdentityFolders(root, names, np.array(rel_paths, dtype=bytes), labels, empty)
+
+
+# ---------------------------------------------------------------------------------------------
+# TFRecord conversion
+def check_image_file(path):
+    """Read an image file; return (bytes, None) if it decodes, else (None, reason)."""
+    import cv2
+
+    try:
+        with open(path, 'rb') as fh:
+            data = fh.read()
+    except OSError as err:
+        return None, f'unreadable ({err.strerror})'
+    if not data.startswith(_MAGIC):
+        return None, 'not a JPEG, PNG or BMP image'
+    # A reduced-size decode walks the whole compressed stream (truncation is caught) at a
+    # fraction of the cost of a full decode.
+    if cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_GRAYSCALE_4) is None:
+        return None, 'cannot be decoded (corrupt or truncated)'
+    return data, None
+
+
+def _example(label, binary, data=None, rel_path=b'', abs_path=b''):
+    import tensorflow as tf
+
+    def as_bytes(value):
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+    feature = {'image/source_id': tf.train.Feature(int64_list=tf.train.Int64List(value=[label]))}
+    if binary:
+        feature['image/filename'] = as_bytes(rel_path)
+        feature['image/encoded'] = as_bytes(data)
+    else:
+        feature['image/img_path'] = as_bytes(abs_path)
+    example = tf.train.Example(features=tf.train.Features(feature=feature))
+    return example.SerializeToString()
+
+
+def write_tfrecord(root, output_path, binary, seed=0, img_ext=None, num_threads=8):
+    """Convert identity folders to a stage-1 TFRecord; return counts of identities/images/skipped.
+
+    binary=True: records hold `image/source_id` (label), `image/filename` ('<identity>/<file>') and
+    `image/encoded` (the file's bytes as stored). binary=False: `image/source_id` and
+    `image/img_path` (absolute path, read at training time). Records are written in a seeded random
+    order so that a shuffle buffer mixes identities. Images that cannot be read or decoded are
+    reported and skipped. The file appears only when the conversion completes.
+    """
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    folders = list_identity_folders(root, img_ext)
+    print(f'{folders.num_identities} identities, {folders.num_images} images under {folders.root}')
+    order = np.random.default_rng(seed).permutation(folders.num_images)
+    skipped = []
+    written = 0
+    with atomic_path(output_path) as tmp:
+        with tf.io.TFRecordWriter(tmp) as writer, \
+                ThreadPoolExecutor(max(1, num_threads)) as pool, \
+                tqdm(total=folders.num_images, unit='img', desc='convert') as bar:
+            for start in range(0, len(order), _CHUNK):
+                idx = order[start:start + _CHUNK]
+                paths = [folders.path(i) for i in idx]
+                # OpenCV releases the GIL while decoding, so threads check images in parallel.
+                for i, path, (data, reason) in zip(idx, paths, pool.map(check_image_file, paths)):
+                    if data is None:
+                        skipped.append(path)
+                        tqdm.write(f'skipped {path}: {reason}', file=sys.stderr)
+                        continue
+                    if binary:
+                        record = _example(int(folders.labels[i]), True, data=data,
+                                          rel_path=bytes(folders.rel_paths[i]))
+                    else:
+                        record = _example(int(folders.labels[i]), False,
+                                          abs_path=os.fsencode(path))
+                    writer.write(record)
+                    written += 1
+                bar.update(len(idx))
+        if written == 0:
+            raise UserError(f'{folders.root}: none of the {folders.num_images} images could be '
+                            'decoded; nothing written')
+    print(f'skipped {len(skipped)} unreadable image(s)')
+    print(f'wrote {written} records ({"binary" if binary else "image paths"}) to {output_path}')
+    print(f'config: num_classes: {folders.num_identities}, num_samples: {written}, '
+          f'binary_img: {bool(binary)}')
+    return {'identities': folders.num_identities, 'images': written, 'skipped': len(skipped),
+            'skipped_paths': skipped}
+
+
+def count_tfrecord(tfrecord_path):
+    """Number of records in a TFRecord file."""
+    import tensorflow as tf
+
+    _require_file(tfrecord_path)
+    dataset = tf.data.TFRecordDataset(tfrecord_path)
+    return int(dataset.reduce(np.int64(0), lambda count, _: count + 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Image decoding and augmentation (shared by both stages)
+def _decode(encoded):
+    import tensorflow as tf
+
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    return tf.image.convert_image_dtype(image, tf.float32)  # uint8 -> [0, 1]
+
+
+def _transform(image, seed, augment, is_ccrop):
+    """Bring a decoded [0,1] image to (112, 112, 3), with optional augmentation and central crop.
+
+    augment: resize to 128x128, random 112x112 crop, random horizontal flip, random saturation
+    (0.6, 1.4), random brightness (+-0.4 on the 0..255 scale), clip to [0, 1]. is_ccrop: resize
+    to 128x128 and take the central 112x112 instead of a random crop (the framing of test-time
+    central cropping); the other augmentations still apply when `augment` is set. Neither: the
+    image as is, resized to 112x112 if its size differs. Random ops are stateless, driven by the
+    per-image `seed`.
+    """
+    import tensorflow as tf
+
+    if augment or is_ccrop:
+        image = tf.image.resize(image, (_AUG_RESIZE, _AUG_RESIZE))
+        if is_ccrop:
+            margin = (_AUG_RESIZE - IMAGE_SIZE) // 2
+            image = image[margin:margin + IMAGE_SIZE, margin:margin + IMAGE_SIZE]
+    else:
+        shape = tf.shape(image)
+        image = tf.cond(tf.logical_and(shape[0] == IMAGE_SIZE, shape[1] == IMAGE_SIZE),
+                        lambda: image, lambda: tf.image.resize(image, (IMAGE_SIZE, IMAGE_SIZE)))
+    if augment:
+        seeds = tf.random.experimental.stateless_split(seed, num=4)
+        if not is_ccrop:
+            image = tf.image.stateless_random_crop(image, (IMAGE_SIZE, IMAGE_SIZE, 3), seeds[0])
+        image = tf.image.stateless_random_flip_left_right(image, seeds[1])
+        image = tf.image.stateless_random_saturation(image, *_SATURATION, seed=seeds[2])
+        image = tf.image.stateless_random_brightness(image, _BRIGHTNESS_DELTA, seed=seeds[3])
+    image = tf.clip_by_value(image, 0.0, 1.0)
+    return tf.ensure_shape(image, (IMAGE_SIZE, IMAGE_SIZE, 3))
+
+
+def image_file_dataset(paths, batch_size, is_ccrop=False):
+    """Batches of the images at `paths`, in order, decoded to (112, 112, 3) [0, 1] without augmentation."""
+    import tensorflow as tf
+
+    dataset = tf.data.Dataset.from_tensor_slices(list(paths))
+    dataset = dataset.map(lambda path: _transform(_decode(tf.io.read_file(path)), None, False, is_ccrop),
+                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def _with_seeds(dataset, seed):
+    """Pair every element with its own [2] int64 seed for the stateless augmentations."""
+    import tensorflow as tf
+
+    seeds = tf.data.Dataset.random(seed=seed).batch(2, drop_remainder=True)
+    return tf.data.Dataset.zip((dataset, seeds))
+
+
+def _require_file(path):
+    if not path or not os.path.isfile(path):
+        raise UserError(f'TFRecord file not found: {path} (create it with '
+                        'data/convert_train_binary_tfrecord.py or data/convert_train_tfrecord.py)')
+
+
+def _check_tfrecord_flavour(tfrecord_path, binary_img):
+    """Read the first record so a wrong file or a binary_img mismatch fails now, and clearly."""
+    import tensorflow as tf
+    from google.protobuf.message import DecodeError
+
+    try:
+        first = next(iter(tf.data.TFRecordDataset(tfrecord_path).take(1)), None)
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError):
+        raise UserError(f'{tfrecord_path}: not a TFRecord file (or it is corrupt)') from None
+    if first is None:
+        raise UserError(f'{tfrecord_path}: the TFRecord file holds no records')
+    try:
+        keys = set(tf.train.Example.FromString(first.numpy()).features.feature)
+    except DecodeError:
+        raise UserError(f'{tfrecord_path}: records are not tf.train.Example protos') from None
+    want = 'image/encoded' if binary_img else 'image/img_path'
+    if 'image/source_id' not in keys or want not in keys:
+        other = 'image/img_path' if binary_img else 'image/encoded'
+        hint = (f' (it holds {other}: set binary_img: {not binary_img} in the config)'
+                if other in keys else '')
+        raise UserError(f'{tfrecord_path}: records lack {want} needed for binary_img: '
+                        f'{bool(binary_img)}{hint}')
+
+
+def load_tfrecord_dataset(tfrecord_path, batch_size, binary_img=True, is_ccrop=False, shuffle=True,
+                          buffer_size=10240, augment=True, repeat=True, seed=None):
+    """Stage-1 tf.data pipeline over a converted TFRecord: batches of (images, int64 labels).
+
+    Images are RGB float32 in [0, 1], (batch_size, 112, 112, 3); see `_transform` for `augment`
+    and `is_ccrop` (central crop: resize to 128 and keep the central 112x112). Records are
+    shuffled (buffer of `buffer_size` serialized records) before decoding, decoded in parallel,
+    batched with drop_remainder=True and prefetched. `seed` makes order and augmentation
+    reproducible. binary_img=False reads each image from its stored path.
+    """
+    import tensorflow as tf
+
+    _require_file(tfrecord_path)
+    if batch_size < 1:
+        raise UserError(f'batch_size must be positive, got {batch_size}')
+    _check_tfrecord_flavour(tfrecord_path, binary_img)
+    if binary_img:
+        features = {'image/source_id': tf.io.FixedLenFeature([], tf.int64),
+                    'image/encoded': tf.io.FixedLenFeature([], tf.string)}
+    else:
+        features = {'image/source_id': tf.io.FixedLenFeature([], tf.int64),
+                    'image/img_path': tf.io.FixedLenFeature([], tf.string)}
+
+    def parse(record, image_seed):
+        parsed = tf.io.parse_single_example(record, features)
+        encoded = (parsed['image/encoded'] if binary_img
+                   else tf.io.read_file(parsed['image/img_path']))
+        image = _transform(_decode(encoded), image_seed, augment, is_ccrop)
+        return image, tf.cast(parsed['image/source_id'], tf.int64)
+
+    dataset = tf.data.TFRecordDataset(tfrecord_path)
+    if shuffle:
+        dataset = dataset.shuffle(buffer_size, seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        dataset = dataset.repeat()
+    dataset = _with_seeds(dataset, seed)
+    dataset = dataset.map(parse, num_parallel_calls=tf.data.AUTOTUNE,
+                          deterministic=(seed is not None) or not shuffle)
+    dataset = dataset.batch(batch_size, drop_remainder=True)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: PK sampling (P identities x K images per batch)
+def _pk_groups(labels):
+    """Identity ids, image index of each id's first entry in label order, counts, inverse map."""
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    return inverse.ravel(), starts, counts
+
+
+def pk_summary(labels, samples_per_class):
+    """PK sampling counts: identities, images, eligible, single-image and undersized identities."""
+    _, _, counts = _pk_groups(np.asarray(labels).ravel())
+    return {'identities': int(len(counts)), 'images': int(counts.sum()),
+            'eligible': int((counts >= 2).sum()), 'excluded_single': int((counts == 1).sum()),
+            'undersized': int(((counts >= 2) & (counts < samples_per_class)).sum())}
+
+
+def pk_steps_per_epoch(labels, classes_per_batch):
+    """Number of PK batches in one epoch: eligible identities // classes_per_batch."""
+    _, _, counts = _pk_groups(np.asarray(labels).ravel())
+    return int((counts >= 2).sum()) // classes_per_batch
+
+
+def _pk_require(num_eligible, p, k, seed=0, epoch=0):
+    """Raise a UserError when PK batches cannot be formed."""
+    if p < 1 or k < 1:
+        raise UserError(f'classes_per_batch and samples_per_class must be positive, got {p}, {k}')
+    if seed < 0 or epoch < 0:
+        raise UserError(f'seed and epoch must not be negative, got {seed}, {epoch}')
+    if num_eligible < p:
+        raise UserError(f'PK sampling needs {p} identities (classes_per_batch) with at least 2 '
+                        f'images each, but only {num_eligible} exist')
+
+
+def pk_index_batches(labels, classes_per_batch, samples_per_class, seed=0, epoch=0):
+    """Iterator over one epoch of PK batches: int64 index arrays of length P*K (P ids x K images).
+
+    An epoch visits every eligible identity once, in an order drawn from (seed, epoch), so each
+    epoch differs and any epoch can be regenerated; the last incomplete group of fewer than P
+    identities is dropped. Batch layout is identity-major: entries [j*K:(j+1)*K] share an
+    identity. An identity with at least K images gives K distinct random images; one with 2..K-1
+    images gives all its images, repeated in random order to fill K. Identities with a single
+    image are excluded: they cannot form a positive pair (`pk_summary` counts them).
+    `labels` may be any integer ids (not necessarily contiguous); pure numpy, no TensorFlow.
+    Arguments are checked (UserError) when called, not when the iterator is first advanced.
+    """
+    labels = np.asarray(labels).ravel()
+    p, k = int(classes_per_batch), int(samples_per_class)
+    inverse, starts, counts = _pk_groups(labels)
+    eligible = np.flatnonzero(counts >= 2)
+    _pk_require(len(eligible), p, k, seed, epoch)
+    rng = np.random.default_rng([int(seed), int(epoch)])
+    num_batches = len(eligible) // p
+    chosen = rng.permutation(eligible)[:num_batches * p].reshape(num_batches, p)
+    # Group image indices by identity with a random order inside each identity.
+    perm = rng.permutation(len(labels))
+    grouped = perm[np.argsort(inverse[perm], kind='stable')]
+    offsets = np.arange(k) % counts[chosen][..., None]  # (batches, P, K): cycles when count < K
+    batches = grouped[starts[chosen][..., None] + offsets].reshape(num_batches, p * k)
+    return iter(batches.astype(np.int64))
+
+
+def load_pk_dataset(root, classes_per_batch, samples_per_class, img_ext='jpg', is_ccrop=False,
+                    augment=True, seed=0, start_epoch=0):
+    """Stage-2 PK pipeline over identity folders.
+
+    Returns (dataset, num_identities, num_images, steps_per_epoch). The dataset is infinite:
+    batches of (images (P*K, 112, 112, 3) float32 [0, 1], int64 labels (P*K,)) built by
+    `pk_index_batches` epoch after epoch (epoch numbers from `start_epoch`, so a resumed run can
+    continue the sequence); take `steps_per_epoch` batches per epoch. num_identities counts all
+    identity folders holding images; steps_per_epoch counts only identities with 2+ images.
+    """
+    import tensorflow as tf
+
+    folders = list_identity_folders(root, img_ext)
+    p, k = int(classes_per_batch), int(samples_per_class)
+    summary = pk_summary(folders.labels, k)
+    _pk_require(summary['eligible'], p, k, seed, start_epoch)
+    steps = summary['eligible'] // p
+    print(f"PK sampling on {folders.root}: {summary['identities']} identities, "
+          f"{summary['images']} images; {summary['excluded_single']} single-image identities "
+          f"excluded; {summary['undersized']} identities with fewer than {k} images repeat "
+          f'images; {p}x{k} per batch, {steps} batches per epoch')
+    rel_paths, labels = folders.rel_paths, folders.labels
+
+    def batches():
+        epoch = start_epoch
+        while True:
+            for idx in pk_index_batches(labels, p, k, seed, epoch):
+                yield rel_paths[idx], labels[idx]
+            epoch += 1
+
+    prefix = os.fsencode(folders.root) + os.fsencode(os.sep)
+
+    def load(rel_path, label, image_seed):
+        image = _decode(tf.io.read_file(tf.strings.join([prefix, rel_path])))
+        return _transform(image, image_seed, augment, is_ccrop), label
+
+    spec = (tf.TensorSpec((p * k,), tf.string), tf.TensorSpec((p * k,), tf.int64))
+    dataset = tf.data.Dataset.from_generator(batches, output_signature=spec).unbatch()
+    dataset = _with_seeds(dataset, seed).map(lambda pair, s: load(*pair, s),
+                                             num_parallel_calls=tf.data.AUTOTUNE,
+                                             deterministic=True)
+    # Every generated batch holds exactly P*K elements and the map keeps order (deterministic),
+    # so re-batching restores the PK batch boundaries.
+    dataset = dataset.batch(p * k, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return dataset, folders.num_identities, folders.num_images, steps
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset checker
+def save_image_grid(images, labels, output_path, columns=8):
+    """Write a PNG grid of [0,1] RGB images titled with their labels (matplotlib Agg, atomic)."""
+    from matplotlib.figure import Figure
+
+    images = np.asarray(images)
+    count = len(images)
+    if count == 0:
+        raise UserError('no images to draw')
+    columns = min(columns, count)
+    rows = -(-count // columns)
+    fig = Figure(figsize=(1.6 * columns, 1.8 * rows))
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for ax in axes.ravel():
+        ax.axis('off')
+    for ax, image, label in zip(axes.ravel(), images, labels):
+        ax.imshow(np.clip(image, 0.0, 1.0))
+        ax.set_title(str(label), fontsize=8)
+    fig.tight_layout()
+    with atomic_output(output_path) as fh:
+        fig.savefig(fh, format='png', dpi=80)
+
+
+def check_dataset(cfg, num_batches=2, output_path='logs/dataset_check.png', augment=True,
+                  max_images=32):
+    """Decode a few training batches of `cfg`, print shapes/dtypes/ranges, save an image grid.
+
+    `cfg['train_dataset']` is a TFRecord (stage 1, `binary_img` from the config) or an
+    identity-folder root (stage 2, PK batches with classes_per_batch x samples_per_class).
+    Returns a dict of the measured statistics.
+    """
+    import tensorflow as tf
+
+    if num_batches < 1:
+        raise UserError(f'--num_batches must be positive, got {num_batches}')
+    source = cfg['train_dataset']
+    is_ccrop = cfg.get('is_ccrop', False)
+    if os.path.isdir(source):
+        dataset = load_pk_dataset(source, cfg.get('classes_per_batch', 50),
+                                  cfg.get('samples_per_class', 4), img_ext=cfg.get('img_ext'),
+                                  is_ccrop=is_ccrop, augment=augment)[0]
+        kind = 'identity folders (PK batches)'
+    else:
+        dataset = load_tfrecord_dataset(source, cfg['batch_size'],
+                                        binary_img=cfg.get('binary_img', True), is_ccrop=is_ccrop,
+                                        buffer_size=cfg.get('shuffle_buffer', 10240),
+                                        augment=augment, seed=0)
+        kind = f"TFRecord ({'binary' if cfg.get('binary_img', True) else 'image paths'})"
+    print(f'checking {source}: {kind}')
+    shown_images, shown_labels = [], []
+    lows, highs, label_lows, label_highs = [], [], [], []
+    seen = 0
+    try:
+        for step, (images, labels) in enumerate(dataset.take(num_batches)):
+            images, labels = images.numpy(), labels.numpy()
+            print(f'batch {step}: images {images.shape} {images.dtype} '
+                  f'range [{images.min():.3f}, {images.max():.3f}]; labels {labels.shape} '
+                  f'{labels.dtype} range [{labels.min()}, {labels.max()}]')
+            lows.append(images.min())
+            highs.append(images.max())
+            label_lows.append(labels.min())
+            label_highs.append(labels.max())
+            room = max_images - sum(len(x) for x in shown_images)
+            shown_images.append(images[:room])
+            shown_labels.append(labels[:room])
+            seen += 1
+    except tf.errors.OpError as err:
+        raise UserError(f'{source}: reading the data failed: {err.message.splitlines()[0]}') \
+            from None
+    if seen == 0:
+        raise UserError(f'{source}: no complete batch of {cfg["batch_size"]} images')
+    save_image_grid(np.concatenate(shown_images), np.concatenate(shown_labels), output_path)
+    stats = {'batches': seen, 'image_shape': tuple(images.shape), 'image_dtype': str(images.dtype),
+             'min': float(min(lows)), 'max': float(max(highs)),
+             'label_min': int(min(label_lows)), 'label_max': int(max(label_highs))}
+    print(f"value range [{stats['min']:.3f}, {stats['max']:.3f}], label range "
+          f"[{stats['label_min']}, {stats['label_max']}] over {seen} batch(es)")
+    print(f'wrote {output_path}')
+    return stats
