@@ -40,13 +40,17 @@ def _package_file(package, *parts):
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('person_a', None,
-                    'photo of person A (default: matplotlib sample_data/grace_hopper.jpg)')
-flags.DEFINE_string('person_b', None,
-                    'photo of person B (default: scikit-image data/astronaut.png)')
-flags.DEFINE_string('output_dir', os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                               'samples'), 'where the aligned JPEGs go')
-flags.DEFINE_integer('jpeg_quality', 95, 'JPEG quality of the aligned crops')
+
+
+def define_flags():
+    """Declare the CLI flags (only when run as a script, so importing this file has no effects)."""
+    flags.DEFINE_string('person_a', None,
+                        'photo of person A (default: matplotlib sample_data/grace_hopper.jpg)')
+    flags.DEFINE_string('person_b', None,
+                        'photo of person B (default: scikit-image data/astronaut.png)')
+    flags.DEFINE_string('output_dir', os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                   'samples'), 'where the aligned JPEGs go')
+    flags.DEFINE_integer('jpeg_quality', 95, 'JPEG quality of the aligned crops')
 
 
 def _cascade(name):
@@ -178,4 +182,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    define_flags()
     app.run(main)

@@ -73,14 +73,18 @@ _FRAMES = np.array([[20, 20, 20], [40, 60, 120], [160, 160, 170], [30, 30, 140],
                    np.float64)
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('output_dir', 'data/synthetic', 'where the dataset is written (replaced)')
-flags.DEFINE_integer('num_train_ids', 150, 'training identities')
-flags.DEFINE_integer('images_per_id', 24, 'images per training identity')
-flags.DEFINE_integer('num_test_ids', 50, 'identities for the verification sets (disjoint)')
-flags.DEFINE_integer('num_pairs', 300, 'pairs per verification set (half genuine)')
-flags.DEFINE_integer('num_retrieval_ids', 30, 'identities of the retrieval folders (disjoint)')
-flags.DEFINE_integer('retrieval_images_per_id', 8, 'images per retrieval identity')
-flags.DEFINE_integer('seed', 0, 'random seed: the same seed gives the same bytes')
+
+
+def define_flags():
+    """Declare the CLI flags (only when run as a script, so importing this file has no effects)."""
+    flags.DEFINE_string('output_dir', 'data/synthetic', 'where the dataset is written (replaced)')
+    flags.DEFINE_integer('num_train_ids', 150, 'training identities')
+    flags.DEFINE_integer('images_per_id', 24, 'images per training identity')
+    flags.DEFINE_integer('num_test_ids', 50, 'identities for the verification sets (disjoint)')
+    flags.DEFINE_integer('num_pairs', 300, 'pairs per verification set (half genuine)')
+    flags.DEFINE_integer('num_retrieval_ids', 30, 'identities of the retrieval folders (disjoint)')
+    flags.DEFINE_integer('retrieval_images_per_id', 8, 'images per retrieval identity')
+    flags.DEFINE_integer('seed', 0, 'random seed: the same seed gives the same bytes')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -595,4 +599,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    define_flags()
     app.run(main)

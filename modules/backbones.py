@@ -18,6 +18,7 @@ _IMAGENET_FILES = {
 INSIGHT_UNITS = {'Insight_ResNet100': (3, 13, 30, 3), 'Insight_ResNet50': (3, 4, 14, 3)}
 INSIGHT_FILTERS = (64, 128, 256, 512)
 BN_EPS = 2e-5  # MXNet's BatchNorm epsilon, kept so converted weights reproduce the original
+BN_MOMENTUM = 0.9
 
 
 def cached_imagenet_weights(backbone_type):
@@ -42,13 +43,18 @@ def _keras_application(backbone_type, input_shape, use_pretrain):
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='.*input_shape.*')
         net = app(input_shape=input_shape, include_top=False, weights=weights)
+    for layer in net.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            # keras.applications use 0.99 / 0.999: the moving statistics would lag far behind a
+            # short or fine-tuning run and collapse inference-mode embeddings. 0.9 as InsightFace.
+            layer.momentum = BN_MOMENTUM
     inputs = layers.Input(input_shape)
     x = preprocess.preprocess_input(inputs * 255.0)
     return tf.keras.Model(inputs, net(x), name=backbone_type.lower())
 
 
 def _bn(name, scale=True):
-    return layers.BatchNormalization(epsilon=BN_EPS, momentum=0.9, scale=scale, name=name)
+    return layers.BatchNormalization(epsilon=BN_EPS, momentum=BN_MOMENTUM, scale=scale, name=name)
 
 
 def _ir_unit(x, filters, stride, dim_match, prefix, w_decay):
@@ -56,13 +62,18 @@ def _ir_unit(x, filters, stride, dim_match, prefix, w_decay):
     reg = tf.keras.regularizers.L2(w_decay) if w_decay else None
 
     def conv(kernel, strides, name):
-        return layers.Conv2D(filters, kernel, strides=strides, padding='same', use_bias=False,
+        # MXNet/PyTorch pad kernel // 2 on every side; TF 'same' with stride 2 on an even size
+        # pads only bottom/right, which would shift the grid against converted weights.
+        padding = 'valid' if strides > 1 and kernel > 1 else 'same'
+        return layers.Conv2D(filters, kernel, strides=strides, padding=padding, use_bias=False,
                              kernel_regularizer=reg, name=name)
 
     y = _bn(prefix + '_bn1')(x)
     y = conv(3, 1, prefix + '_conv1')(y)
     y = _bn(prefix + '_bn2')(y)
     y = layers.PReLU(name=prefix + '_relu1')(y)
+    if stride > 1:
+        y = layers.ZeroPadding2D(1, name=prefix + '_conv2_pad')(y)
     y = conv(3, stride, prefix + '_conv2')(y)
     y = _bn(prefix + '_bn3')(y)
     if dim_match:

@@ -12,7 +12,6 @@ import pickle
 import re
 import struct
 import time
-import warnings
 
 import numpy as np
 
@@ -76,7 +75,7 @@ class _ArrayUnpickler(pickle.Unpickler):
 def read_weight_dict(path):
     """Read a .npy file holding a pickled dict (np.save of a dict) with a restricted unpickler."""
     try:
-        fh = open(path, 'rb')  # noqa: SIM115 - closed below
+        fh = open(path, 'rb')
     except FileNotFoundError:
         raise UserError(f'weights file not found: {path}') from None
     except IsADirectoryError:
@@ -212,20 +211,6 @@ def _fit_layer(name, layer, entry):
     return out
 
 
-def _padding_warning(model):
-    """Warn when stride-2 3x3 convs pad asymmetrically, which MXNet/PyTorch weights do not expect."""
-    for layer in model.layers:
-        if (_kind(layer) == 'conv' and tuple(layer.strides) == (2, 2)
-                and tuple(layer.kernel_size) == (3, 3) and layer.padding == 'same'):
-            size = layer.input.shape[1]
-            if size is not None and size % 2 == 0:
-                warnings.warn(f"layer '{layer.name}': TF 'same' padding with stride 2 on an even "
-                              'input pads only bottom/right, while MXNet/PyTorch models pad one '
-                              'pixel on every side; converted weights will not reproduce the '
-                              'source embeddings exactly', stacklevel=3)
-                return
-
-
 def load_npy_weights(backbone_model, path):
     """Load a weight-dict .npy into an Insight backbone; raise UserError on any mismatch."""
     weights = read_weight_dict(path)
@@ -256,9 +241,6 @@ def load_npy_weights(backbone_model, path):
             raise UserError(f'{path}: {err}') from None
     for name, layer in layers.items():
         layer.set_weights(fitted[name])
-    source = meta.get('source') if isinstance(meta, dict) else None
-    if source != 'keras':
-        _padding_warning(backbone_model)
     return len(layers)
 
 
@@ -465,6 +447,8 @@ MX_DTYPES = {0: np.float32, 1: np.float64, 2: np.float16, 3: np.uint8, 4: np.int
 
 
 class _Stream:
+    """Little-endian reader over the bytes of an MXNet file, with bounds checks."""
+
     def __init__(self, data, path):
         self.data, self.pos, self.path = data, 0, path
 
@@ -626,7 +610,16 @@ def _mx_check_graph(nodes, units, path):
     by_name = {n['name']: n for n in nodes}
     plan = layer_plan(units)
     planned = {name for name, _, _ in plan}
-    for node in nodes:
+    if 'fc1' not in by_name:
+        raise UserError(f"{path}: no node named 'fc1': not an InsightFace LResNet-IR")
+    # Only what feeds fc1 matters: a training head after it (fc7, softmax) is ignored.
+    feeding, todo = set(), [nodes.index(by_name['fc1'])]
+    while todo:
+        idx = todo.pop()
+        if idx not in feeding:
+            feeding.add(idx)
+            todo += [e[0] for e in nodes[idx].get('inputs', [])]
+    for node in (nodes[i] for i in sorted(feeding)):
         if node['op'] in _MX_OPS.values() and node['name'] not in planned:
             raise UserError(f"{path}: node '{node['name']}' ({node['op']}) is not part of an "
                             'LResNet-IR: unsupported network')
@@ -908,6 +901,7 @@ class _OnnxGraph:
         return tensor
 
     def only(self, tensor, ops, what):
+        """The single consumer of `tensor`, which must be one of `ops`."""
         nodes = self.follow(tensor)
         if len(nodes) != 1 or nodes[0].op_type not in ops:
             found = [f'{n.op_type} {n.name!r}' for n in nodes] or ['nothing']
@@ -916,6 +910,7 @@ class _OnnxGraph:
         return nodes[0]
 
     def const(self, node, index, what):
+        """Input `index` of `node` as a float64 array (None if absent); it must be constant."""
         name = node.input[index] if index < len(node.input) else ''
         if name == '':
             return None
@@ -1071,8 +1066,10 @@ def onnx_to_npy(path, backbone=None, assume_norm=None):
         w = g.const(node, 1, 'the weight')
         weight = ga.get('alpha', 1.0) * (w if ga.get('transB', 0) else w.T)
         c = g.const(node, 2, 'the bias')
-        bias = np.zeros(weight.shape[0]) if c is None else np.broadcast_to(
-            ga.get('beta', 1.0) * c, (weight.shape[0],)).astype(np.float64)
+        c = np.zeros(1) if c is None else c.reshape(-1)
+        if c.size not in (1, weight.shape[0]):
+            raise UserError(f'{path}: Gemm {node.name!r} bias has {c.size} values')
+        bias = np.broadcast_to(ga.get('beta', 1.0) * c, (weight.shape[0],)).astype(np.float64)
         t = node.output[0]
     else:
         weight = g.const(node, 1, 'the weight').T
@@ -1105,9 +1102,10 @@ def convert_checkpoint(source, output, epoch=0, backbone=None, assume_norm=None)
         weights, summary = onnx_to_npy(source, backbone, assume_norm)
     else:
         prefix = source
-        for suffix in ('-symbol.json', '.params'):
-            if prefix.endswith(suffix):
-                prefix = re.sub(r'(-\d{4})?' + re.escape(suffix) + '$', '', prefix)
+        named_epoch = re.search(r'-(\d{4})\.params$', prefix)
+        if named_epoch:  # a .params file was given: its name says the epoch
+            epoch = int(named_epoch.group(1))
+        prefix = re.sub(r'(-\d{4}\.params|-symbol\.json)$', '', prefix)
         weights, summary = mxnet_to_npy(prefix, epoch, backbone, assume_norm)
     write_weight_dict(weights, output)
     summary['output'] = output

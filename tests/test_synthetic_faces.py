@@ -226,3 +226,44 @@ def test_cli_summary_and_bad_flags(tmp_path):
     bad = subprocess.run(args[:-1] + ['--num_pairs=5'], capture_output=True, text=True, env=env,
                          timeout=120)
     assert bad.returncode == 2 and 'num_pairs must be even' in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Sample photographs for run_me.py (data/align_sample_faces.py and the committed crops)
+def _load_aligner():
+    path = os.path.join(ROOT, 'data', 'align_sample_faces.py')
+    spec = importlib.util.spec_from_file_location('align_sample_faces', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_similarity_puts_eyes_on_the_arcface_template():
+    align = _load_aligner()
+    eyes = np.array([[223.1, 189.8], [302.5, 188.4]])
+    m = align.similarity_from_eyes(eyes)
+    mapped = np.c_[eyes, np.ones(2)] @ m.T
+    np.testing.assert_allclose(mapped, [[38.2946, 51.6963], [73.5318, 51.5014]], atol=1e-9)
+    # A similarity: the 2x2 part is a scaled rotation.
+    assert m[0, 0] == pytest.approx(m[1, 1]) and m[0, 1] == pytest.approx(-m[1, 0])
+
+
+def test_alignment_fails_clearly_without_a_face():
+    align = _load_aligner()
+    blank = np.full((200, 200, 3), 128, np.uint8)
+    # OpenCV 4: no face found; OpenCV 5 (no Haar cascades): says how to run it. One line either way.
+    with pytest.raises(align.UserError, match='no face found|CascadeClassifier'):
+        align.detect_eyes(blank, 'blank.png')
+
+
+def test_committed_sample_faces():
+    folder = os.path.join(ROOT, 'data', 'samples')
+    imgs = {n: cv2.imread(os.path.join(folder, n))
+            for n in ('personA_1.jpg', 'personA_2.jpg', 'personB_1.jpg')}
+    for name, img in imgs.items():
+        assert img is not None and img.shape == (112, 112, 3), name
+    a1, a2, b1 = (imgs[n].astype(np.float64) for n in ('personA_1.jpg', 'personA_2.jpg',
+                                                       'personB_1.jpg'))
+    # The derived second shot of A is a different image, yet closer to A than B is.
+    assert np.abs(a1 - a2).mean() > 3
+    assert np.abs(a1 - a2).mean() < np.abs(a1 - b1).mean()

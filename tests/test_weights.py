@@ -192,6 +192,12 @@ def test_npy_mmdnn_style_entries_and_per_channel_prelu(tmp_path):
     fresh = build('Insight_ResNet50')
     load_npy_weights(fresh, path)
     np.testing.assert_allclose(fresh(x, training=False).numpy(), want, atol=1e-5)
+    # Older writers pickled with protocol 2 (bytes through _codecs.encode): still admitted.
+    old = str(tmp_path / 'protocol2.npy')
+    _npy_with_pickle(old, pickle.dumps(np.array(entries, dtype=object), protocol=2))
+    randomize(fresh, seed=8)
+    load_npy_weights(fresh, old)
+    np.testing.assert_allclose(fresh(x, training=False).numpy(), want, atol=1e-5)
     entries['bn0'] = {'scale': entries['bn0']['scale'], 'offset': entries['bn0']['bias']}
     with open(path, 'wb') as fh:
         np.save(fh, entries, allow_pickle=True)
@@ -315,11 +321,11 @@ def source_params(units, side, seed=0, fc1_gamma_random=True):
     def conv(name, o, i, k):
         p[name + '_weight'] = rng.normal(0, np.sqrt(1.0 / (i * k * k)), (o, i, k, k))
 
-    def bn(name, c, gamma_scale=1.0):
+    def bn(name, c, gamma_scale=1.0, var_scale=1.0):
         p[name + '_gamma'] = rng.uniform(0.5, 1.2, c) * gamma_scale
         p[name + '_beta'] = rng.normal(0, 0.1, c)
         p[name + '_moving_mean'] = rng.normal(0, 0.2, c)
-        p[name + '_moving_var'] = rng.uniform(0.05, 2.0, c)
+        p[name + '_moving_var'] = rng.uniform(0.05, 2.0, c) * var_scale
 
     conv('conv0', 64, 3, 3)
     bn('bn0', 64)
@@ -341,13 +347,13 @@ def source_params(units, side, seed=0, fc1_gamma_random=True):
     bn('bn1', 512)
     p['pre_fc1_weight'] = rng.normal(0, np.sqrt(1.0 / (512 * side * side)), (512, 512 * side * side))
     p['pre_fc1_bias'] = rng.normal(0, 0.1, 512)
-    bn('fc1', 512)
+    bn('fc1', 512, var_scale=100.0)  # keeps the embedding of the random net near unit scale
     if not fc1_gamma_random:
         p['fc1_gamma'] = np.ones(512)
     return {k: v.astype(np.float32) for k, v in p.items()}
 
 
-def write_mx_symbol(path, units):
+def write_mx_symbol(path, units, train_head=False):
     """A -symbol.json as InsightFace's fresnet writes it (normalisation, 'E' output block)."""
     nodes = []
 
@@ -392,6 +398,9 @@ def write_mx_symbol(path, units):
     x = add('Dropout', 'dropout0', [bn('bn1', x)], {'p': '0.4'})
     x = add('FullyConnected', 'pre_fc1', [x], {'num_hidden': '512'}, ['weight', 'bias'])
     x = bn('fc1', x, fix_gamma='True')
+    if train_head:  # a training checkpoint's classifier after the embedding
+        x = add('FullyConnected', 'fc7', [x], {'num_hidden': '10', 'no_bias': 'True'}, ['weight'])
+        x = add('SoftmaxOutput', 'softmax', [x])
     with open(path, 'w') as fh:
         json.dump({'nodes': nodes, 'arg_nodes': [], 'heads': [[x, 0, 0]],
                    'attrs': {'mxnet_version': ['int', 10300]}}, fh)
@@ -544,7 +553,7 @@ def test_mxnet_checkpoint_resnet50_matches_mxnet_style_onnx(tmp_path):
     units = backbones.INSIGHT_UNITS['Insight_ResNet50']
     params = source_params(units, side, seed=13, fc1_gamma_random=True)  # ignored: fix_gamma
     prefix = str(tmp_path / 'model-r50')
-    write_mx_symbol(prefix + '-symbol.json', units)
+    write_mx_symbol(prefix + '-symbol.json', units, train_head=True)
     named = {('aux:' if k.endswith(('_moving_mean', '_moving_var')) else 'arg:') + k: v
              for k, v in params.items()}
     named['arg:fc7_weight'] = np.zeros((10, 512), np.float32)  # classifier: not ours
@@ -564,6 +573,8 @@ def test_mxnet_checkpoint_resnet50_matches_mxnet_style_onnx(tmp_path):
     print(f'\nMXNet checkpoint (R50) vs MXNet-style ONNX: max |diff| {diff:.2e}, relative '
           f'{rel:.2e}, min cosine {cos:.8f}')
     assert diff < 1e-4 and cos > 0.9999
+    summary = convert_checkpoint(prefix + '-0003.params', str(tmp_path / 'cli.npy'))
+    assert summary['layers'] == 158 and 'model-r50-0003.params' in summary['source']
     # The same network exported MXNet -> ONNX (Sub/Mul inside, BN unfolded) converts alike.
     onnx_weights, onnx_summary = onnx_to_npy(reference)
     assert onnx_summary['folded_bn'] == 0 and 'inside the graph' in onnx_summary['input_norm']
@@ -633,3 +644,27 @@ def test_cli_converts_and_reports(tmp_path):
     assert not os.path.exists(f'{tmp_path}/x.npy')
     summary = convert_checkpoint(src, str(tmp_path / 'again.npy'))
     assert 'folded into the following BN' in format_summary(summary)
+
+
+def test_112_inputs_reproduce_the_source(tmp_path):
+    """At 112x112 the stride-2 convs see even sizes: the backbone pads like MXNet/PyTorch (one
+    pixel on every side), so converted weights reproduce the source embedding."""
+    import warnings
+    side = 7
+    units = backbones.INSIGHT_UNITS['Insight_ResNet50']
+    params = source_params(units, side, seed=14, fc1_gamma_random=False)
+    path = make_onnx(params, units, side, 'pytorch', str(tmp_path / 'r50_112.onnx'))
+    weights, _ = onnx_to_npy(path)
+    npy = str(tmp_path / 'r50_112.npy')
+    write_weight_dict(weights, npy)
+    model = build('Insight_ResNet50', 112)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        load_npy_weights(model, npy)
+    x = images(2, 112)
+    keras_out = model(x, training=False).numpy()
+    diff, rel, cos = agreement(keras_out, run_onnx(path, x, 'pytorch'))
+    print(f'\nONNX (PyTorch-style, R50, 112x112): max |diff| {diff:.2e}, relative '
+          f'{rel:.2e}, min cosine {cos:.8f}')
+    assert not caught
+    assert rel < 1e-5 and cos > 0.9999

@@ -1,0 +1,125 @@
+"""End to end on a small synthetic face set: stage 1, test.py, stage 2, test_twostage_iom.py, run_me.py."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGE1 = dict(batch_size=32, eval_batch_size=64, sub_name='s1', backbone_type='MobileNetV2',
+              head_type='ArcHead', margin=0.3, logist_scale=32, use_pretrain=False, embd_shape=64,
+              train_dataset='synthetic/train_bin.tfrecord', binary_img=True, num_classes=24,
+              num_samples=24 * 10, epochs=100, max_steps=60, base_lr=0.05, save_steps=60,
+              test_dataset='synthetic/test_dataset')
+STAGE2 = dict(STAGE1, sub_name='s2', stage1_sub_name='s1', head_type='IoMHead', batch_size=32,
+              classes_per_batch=8, samples_per_class=4, train_dataset='synthetic/train',
+              cache_embeddings=True, loss_fun='batch_hard_triplet', triplet_margin=1.0, m=32, q=4,
+              max_steps=150, base_lr=0.01, save_steps=75, eval_steps=0, T=1.0,
+              test_dataset_ytf='synthetic/retrieval')
+
+
+def load_generator():
+    spec = importlib.util.spec_from_file_location(
+        'make_synthetic_faces', os.path.join(ROOT, 'data', 'make_synthetic_faces.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def script(name, *args, cwd):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, name), *args], cwd=cwd,
+                          env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+    """A synthetic set, its TFRecord, configs and a briefly trained stage-1 model."""
+    from modules.dataset import write_tfrecord
+    work = tmp_path_factory.mktemp('pipeline')
+    load_generator().generate(str(work / 'synthetic'), num_train_ids=24, images_per_id=10,
+                              num_test_ids=16, num_pairs=100, num_retrieval_ids=6,
+                              retrieval_images_per_id=4, seed=3)
+    write_tfrecord(str(work / 'synthetic' / 'train'), str(work / 'synthetic' / 'train_bin.tfrecord'),
+                   binary=True)
+    (work / 's1.yaml').write_text(yaml.safe_dump(STAGE1))
+    (work / 's2.yaml').write_text(yaml.safe_dump(STAGE2))
+    script('train.py', '--cfg_path', 's1.yaml', cwd=work)
+    return work
+
+
+def test_stage1_evaluation_prints_table_and_writes_report(workdir):
+    out = script('test.py', '--cfg_path', 's1.yaml', cwd=workdir)
+    assert '| Accuracy' in out and 'LFW' in out
+    with open(workdir / 'logs' / 's1' / 'arcface_results.json') as fh:
+        results = json.load(fh)
+    assert set(results) == {'lfw', 'agedb_30', 'cfp_fp'}
+    assert all(0.5 <= r['auc'] <= 1 for r in results.values())
+    assert (workdir / 'logs' / 's1' / 'arcface_lfw.png').stat().st_size > 1000
+
+
+def test_insightface_bin_layout_gives_the_same_table(workdir):
+    """The .bin copy of the sets (JPEG bytes) evaluates like the bcolz copy (decoded floats)."""
+    cfg = dict(STAGE1, test_dataset='synthetic/test_dataset_bin', sub_name='s1')
+    (workdir / 's1_bin.yaml').write_text(yaml.safe_dump(cfg))
+    out_bin = script('test.py', '--cfg_path', 's1_bin.yaml', cwd=workdir)
+    out_bcolz = script('test.py', '--cfg_path', 's1.yaml', cwd=workdir)
+    table = [line for line in out_bin.splitlines() if line.startswith('| AUC')]
+    assert table and table == [line for line in out_bcolz.splitlines() if line.startswith('| AUC')]
+
+
+def mean_eer(path):
+    with open(path) as fh:
+        return float(np.mean([r['eer'] for r in json.load(fh).values()]))
+
+
+def test_stage2_lowers_loss_and_beats_random_projection(workdir):
+    # The untrained IoM model: random N(0, 1) projection on the same frozen backbone.
+    out = script('test_twostage_iom.py', '--cfg_path', 's2.yaml', cwd=workdir)
+    assert 'random weight of IoM layer' in out
+    report = workdir / 'logs' / 's2' / 'iom_Hamming_results.json'
+    random_eer = mean_eer(report)
+
+    from modules.training import train_stage2
+    from modules.utils import STAGE2_REQUIRED, load_config
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        summary = train_stage2(load_config('s2.yaml', STAGE2_REQUIRED))
+    finally:
+        os.chdir(cwd)
+    assert summary['step'] == 150
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(workdir / 'logs' / 's2'))
+    events.Reload()
+    losses = [e.value for e in events.Scalars('loss/total')]
+    assert np.mean(losses[-20:]) < 0.8 * np.mean(losses[:20])
+    assert {'loss/metric', 'loss/quanti', 'loss/code_balance', 'loss/bin_lut'} <= set(
+        events.Tags()['scalars'])
+
+    out = script('test_twostage_iom.py', '--cfg_path', 's2.yaml', cwd=workdir)
+    assert 'random weight' not in out and '| EER' in out and 'mAP' in out
+    trained_eer = mean_eer(report)
+    assert trained_eer < random_eer, (trained_eer, random_eer)
+    assert (workdir / 'logs' / 's2' / 'iom_Hamming_retrieval.json').is_file()
+
+    # A second run of the trainer reuses the embedding cache and resumes at the last step.
+    cfg = dict(STAGE2, max_steps=160)
+    (workdir / 's2b.yaml').write_text(yaml.safe_dump(cfg))
+    out = script('train_twostage_tripletloss_online.py', '--cfg_path', 's2b.yaml', cwd=workdir)
+    assert 'using cached embeddings' in out and 'resumed from checkpoints/s2/ckpt-150' in out
+
+
+def test_run_me_prints_summary_and_distances(workdir):
+    out = script('run_me.py', '--cfg_path', 's2.yaml', '--sample_dir',
+                 os.path.join(ROOT, 'data', 'samples'), cwd=workdir)
+    assert 'IoMProjection' in out and 'perm_layer' in out
+    line = [x for x in out.splitlines() if x.startswith('dist_positive')][-1]
+    positive, negative = (float(v.split(':')[1]) for v in line.split(','))
+    assert 0 <= positive <= 32 and 0 <= negative <= 32
