@@ -389,14 +389,13 @@ def train_stage2(cfg, strategy=None):
     if cfg['cache_embeddings']:
         folders = list_identity_folders(cfg['train_dataset'], cfg['img_ext'])
         embeddings = _embedding_cache(cfg, net, folders)
-        labels = folders.labels
 
         def batches():
             epoch = 0
             while True:
-                for idx in pk_index_batches(labels, cfg['classes_per_batch'],
+                for idx in pk_index_batches(folders.labels, cfg['classes_per_batch'],
                                             cfg['samples_per_class'], seed=seed, epoch=epoch):
-                    yield embeddings[idx], labels[idx]
+                    yield embeddings[idx], folders.labels[idx]
                 epoch += 1
 
         spec = (tf.TensorSpec([batch, embeddings.shape[1]], tf.float32),
@@ -430,10 +429,10 @@ def train_stage2(cfg, strategy=None):
     evaluator = Stage2Evaluator(cfg, net) if cfg['eval_steps'] else None
     state.start()
     try:
-        for inputs, labels in strategy.experimental_distribute_dataset(dataset):
+        for batch_inputs, batch_labels in strategy.experimental_distribute_dataset(dataset):
             if state.step >= total_steps:
                 break
-            total, terms = train_step(inputs, labels)
+            total, terms = train_step(batch_inputs, batch_labels)
             state.after_step(float(total), {f'loss/{k}': float(v) for k, v in terms.items()})
             if evaluator and state.step % cfg['eval_steps'] == 0:
                 evaluator.run(state)
