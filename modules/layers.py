@@ -203,11 +203,11 @@ class IoMHead(tf.keras.layers.Layer):
 
 def _soft_assign(z, T):
     """(sum_j j p_j, p) with p = softmax(z / T) over the last axis; gradient written out."""
-    q = z.shape[-1]
-
     @tf.custom_gradient
     def soft(z):
-        idx = tf.range(q, dtype=z.dtype)
+        # The group size comes from the runtime shape: with reduce_retracing the traced static
+        # shape may be unknown.
+        idx = tf.cast(tf.range(tf.shape(z)[-1]), z.dtype)
         p = tf.nn.softmax(z / T, axis=-1)
         s = tf.reduce_sum(p * idx, axis=-1)
 

@@ -95,8 +95,8 @@ def test_stage2_lowers_loss_and_beats_random_projection(workdir):
     finally:
         os.chdir(cwd)
     assert summary['step'] == 150
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     import tensorflow as tf
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(workdir / 'logs' / 's2'), size_guidance={'tensors': 0})
     events.Reload()
     losses = [float(tf.make_ndarray(e.tensor_proto)) for e in events.Tensors('loss/metric')]
