@@ -31,8 +31,9 @@ def run(args):
 
 def comparison_table(float_results, iom_results, code_name):
     """Markdown table: per set, the float embedding's and the IoM code's Accuracy, EER and AUC."""
+    from modules.evaluations import VAL_SETS
     lines = ['| set | template | Accuracy | EER | AUC |', '|---|---|---|---|---|']
-    for name in float_results:
+    for name in sorted(float_results, key=VAL_SETS.index):
         for label, res in (('ArcFace float (cosine)', float_results[name]),
                            (code_name, iom_results[name])):
             lines.append(f"| {name} | {label} | {res['accuracy']:.4f} | {res['eer']:.4f} | "
