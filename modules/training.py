@@ -273,12 +273,6 @@ def _stage1_fit(model, optimizer, softmax_loss, dataset, strategy, state):
         raise callback.error
 
 
-def set_seed(seed):
-    """Seed Python-side and TensorFlow randomness for a reproducible run."""
-    np.random.seed(seed)
-    tf.keras.utils.set_random_seed(seed)
-
-
 # --------------------------------------------------------------------------------------------
 # Stage 2: Deep IoM hashing on the frozen embedding model.
 def stage2_batch(cfg):
