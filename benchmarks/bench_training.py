@@ -36,7 +36,8 @@ def main():
     work = tempfile.mkdtemp(prefix='bench_training_')
     run(f"""
 import importlib.util, os
-spec = importlib.util.spec_from_file_location('gen', os.path.join({ROOT!r}, 'data', 'make_synthetic_faces.py'))
+path = os.path.join({ROOT!r}, 'data', 'make_synthetic_faces.py')
+spec = importlib.util.spec_from_file_location('gen', path)
 gen = importlib.util.module_from_spec(spec); spec.loader.exec_module(gen)
 gen.generate('synthetic', num_train_ids=40, images_per_id=16, num_test_ids=16, num_pairs=60,
              num_retrieval_ids=4, retrieval_images_per_id=4, seed=1)

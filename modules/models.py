@@ -1,6 +1,5 @@
 """Stage-1 ArcFace models and the stage-2 Deep IoM hashing model, plus their weight loading."""
 import os
-import warnings
 
 import numpy as np
 import tensorflow as tf
@@ -13,7 +12,6 @@ from modules.layers import (
     PermLayer,
     iom_hidden_layers,
 )
-from modules.utils import UserError
 
 layers = tf.keras.layers
 
@@ -109,6 +107,7 @@ def load_backbone_weights(arcface_model, cfg, run=None):
     if ckpt:
         stage1_checkpoint(arcface_model).restore(ckpt).expect_partial()
         return f'stage-1 checkpoint {ckpt}'
+    where = f'no stage-1 checkpoint in checkpoints/{run}/'
     if cfg['backbone_type'] in INSIGHT_UNITS:
         path = cfg.get('pretrained_weights') or DEFAULT_INSIGHT_WEIGHTS[cfg['backbone_type']]
         if os.path.isfile(path):
@@ -117,18 +116,13 @@ def load_backbone_weights(arcface_model, cfg, run=None):
             load_npy_weights(backbone, path)
             apply_identity_output_layer(output_layer)
             return f'pre-built weights {path}'
-        if cfg.get('pretrained_weights'):
-            raise UserError(f"pretrained_weights file not found: {path}")
-    warnings.warn(f"no stage-1 checkpoint in checkpoints/{run}/"
-                  + (f' and no pre-built weights at {DEFAULT_INSIGHT_WEIGHTS[cfg["backbone_type"]]}'
-                     if cfg['backbone_type'] in INSIGHT_UNITS else '')
-                  + ': the backbone has random weights.', stacklevel=2)
+        where += f' and no pre-built weights at {path} (see pre_models/README.md)'
+    print(f'[*] Warning: {where}: the backbone has random weights.')
     return None
 
 
 # --------------------------------------------------------------------------------------------
 # Stage 2: Deep Index-of-Max hashing on top of the (frozen) embedding model.
-IOM_STACK = ('perm_layer', 'IoMProjection', 'IoMHead')
 
 
 def IoMFaceModel(cfg, arcface_model=None, perm_key=None, name='IoMface_model'):
