@@ -271,5 +271,7 @@ def log_dir(cfg):
 
 
 def quiet_tensorflow():
-    """Silence TensorFlow's C++ start-up chatter unless the user asked for it."""
+    """Silence TensorFlow's start-up and checkpoint chatter unless the user asked for it."""
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+    from absl import logging
+    logging.set_verbosity(logging.WARNING)
