@@ -18,6 +18,8 @@ def read_face(path, size):
     """An aligned face photo as RGB float32 in [0, 1], resized to size x size."""
     import cv2
     import numpy as np
+    if not os.path.isfile(path):
+        raise UserError(f'sample image not found: {path}')
     image = cv2.imread(path, cv2.IMREAD_COLOR)
     if image is None:
         raise UserError(f'cannot read image {path}')

@@ -17,10 +17,11 @@ def main(_):
     from modules.models import arcface_from_config, load_backbone_weights
     from modules.training import configure_devices
     configure_devices(FLAGS.gpu)
+    val_sets = get_val_data(cfg['test_dataset'])  # bad test data fails before the model is built
     model = arcface_from_config(cfg, use_pretrain=False)
     source = load_backbone_weights(model, cfg, run=cfg['sub_name'])
     print(f"[*] model: {source or 'random weights'}")
-    results = evaluate_verification(model, get_val_data(cfg['test_dataset']), 'cosine',
+    results = evaluate_verification(model, val_sets, 'cosine',
                                     batch_size=cfg['eval_batch_size'], is_flip=cfg['is_flip'],
                                     is_ccrop=cfg['is_ccrop'])
     print(format_table(results))

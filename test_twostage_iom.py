@@ -33,11 +33,11 @@ def main(_):
     from modules.training import configure_devices
     configure_devices(FLAGS.gpu)
     measure = 'LUT' if FLAGS.isLUT else FLAGS.measure
+    val_sets = ev.get_val_data(cfg['test_dataset'])  # bad test data fails before the model is built
     model = load_iom_model(cfg)
     hasher = iom_hasher(model, cfg['is_flip'])
     options = dict(q=cfg['q'], batch_size=cfg['eval_batch_size'], is_ccrop=cfg['is_ccrop'])
-    results = ev.evaluate_verification(hasher, ev.get_val_data(cfg['test_dataset']), measure,
-                                       **options)
+    results = ev.evaluate_verification(hasher, val_sets, measure, **options)
     print(f"IoM codes m={cfg['m']} q={cfg['q']}, measure {measure}")
     print(ev.format_table(results))
     prefix = f'iom_{measure}'

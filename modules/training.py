@@ -363,6 +363,7 @@ def train_stage2(cfg, strategy=None):
     from modules.models import stage2_checkpoint
 
     batch = stage2_batch(cfg)
+    folders = list_identity_folders(cfg['train_dataset'], cfg['img_ext'])  # fail fast on bad data
     strategy = strategy or get_strategy()
     if cfg['classes_per_batch'] % strategy.num_replicas_in_sync:
         raise UserError(f"classes_per_batch {cfg['classes_per_batch']} is not divisible by the "
@@ -381,7 +382,6 @@ def train_stage2(cfg, strategy=None):
     seed = state.step
 
     if cfg['cache_embeddings']:
-        folders = list_identity_folders(cfg['train_dataset'], cfg['img_ext'])
         embeddings = _embedding_cache(cfg, net, folders)
 
         def batches():
