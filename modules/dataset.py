@@ -354,6 +354,17 @@ def pk_summary(labels, samples_per_class):
             'undersized': int(((counts >= 2) & (counts < samples_per_class)).sum())}
 
 
+def report_pk_sampling(folders, classes_per_batch, samples_per_class):
+    """Print how PK sampling treats an identity-folder set (exclusions, repeats); return pk_summary."""
+    p, k = int(classes_per_batch), int(samples_per_class)
+    summary = pk_summary(folders.labels, k)
+    print(f"PK sampling on {folders.root}: {summary['identities']} identities, "
+          f"{summary['images']} images; {summary['excluded_single']} single-image identities "
+          f"excluded; {summary['undersized']} identities with fewer than {k} images repeat "
+          f"images; {p}x{k} per batch, {summary['eligible'] // p} batches per epoch")
+    return summary
+
+
 def pk_steps_per_epoch(labels, classes_per_batch):
     """Number of PK batches in one epoch: eligible identities // classes_per_batch."""
     _, _, counts = _pk_groups(np.asarray(labels).ravel())
@@ -413,13 +424,9 @@ def load_pk_dataset(root, classes_per_batch, samples_per_class, img_ext='jpg', i
 
     folders = list_identity_folders(root, img_ext)
     p, k = int(classes_per_batch), int(samples_per_class)
-    summary = pk_summary(folders.labels, k)
+    summary = report_pk_sampling(folders, p, k)
     _pk_require(summary['eligible'], p, k, seed, start_epoch)
     steps = summary['eligible'] // p
-    print(f"PK sampling on {folders.root}: {summary['identities']} identities, "
-          f"{summary['images']} images; {summary['excluded_single']} single-image identities "
-          f"excluded; {summary['undersized']} identities with fewer than {k} images repeat "
-          f'images; {p}x{k} per batch, {steps} batches per epoch')
     rel_paths, labels = folders.rel_paths, folders.labels
 
     def batches():

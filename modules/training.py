@@ -358,7 +358,12 @@ def stage2_total_steps(cfg):
 
 def train_stage2(cfg, strategy=None):
     """Train the IoM layers of `cfg` on the frozen embedding model; returns a summary dict."""
-    from modules.dataset import list_identity_folders, load_pk_dataset, pk_index_batches
+    from modules.dataset import (
+        list_identity_folders,
+        load_pk_dataset,
+        pk_index_batches,
+        report_pk_sampling,
+    )
     from modules.losses import IoMLoss
     from modules.models import stage2_checkpoint
 
@@ -382,6 +387,7 @@ def train_stage2(cfg, strategy=None):
     seed = state.step
 
     if cfg['cache_embeddings']:
+        report_pk_sampling(folders, cfg['classes_per_batch'], cfg['samples_per_class'])
         embeddings = _embedding_cache(cfg, net, folders)
 
         def batches():
