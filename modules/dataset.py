@@ -412,7 +412,8 @@ def pk_index_batches(labels, classes_per_batch, samples_per_class, seed=0, epoch
 
 def load_pk_dataset(root, classes_per_batch, samples_per_class, img_ext='jpg', is_ccrop=False,
                     augment=True, seed=0, start_epoch=0):
-    """Stage-2 PK pipeline over identity folders.
+    """Stage-2 PK pipeline over identity folders (`root`: a path, or an already listed
+    IdentityFolders, which saves listing a large tree twice).
 
     Returns (dataset, num_identities, num_images, steps_per_epoch). The dataset is infinite:
     batches of (images (P*K, 112, 112, 3) float32 [0, 1], int64 labels (P*K,)) built by
@@ -422,7 +423,7 @@ def load_pk_dataset(root, classes_per_batch, samples_per_class, img_ext='jpg', i
     """
     import tensorflow as tf
 
-    folders = list_identity_folders(root, img_ext)
+    folders = root if isinstance(root, IdentityFolders) else list_identity_folders(root, img_ext)
     p, k = int(classes_per_batch), int(samples_per_class)
     summary = report_pk_sampling(folders, p, k)
     _pk_require(summary['eligible'], p, k, seed, start_epoch)

@@ -150,20 +150,24 @@ def iom_layers(cfg, perm_key=None):
                IoMHead(cfg['m'], cfg['q'], T=cfg['T'], name='IoMHead')])
 
 
+def trained_iom_layers(iom_model):
+    """The layers of an IoM model from perm_layer to IoMHead, in order."""
+    start = [layer.name for layer in iom_model.layers].index('perm_layer')
+    return list(iom_model.layers[start:])
+
+
 def iom_stack_model(iom_model, embd_shape):
     """Model from the embedding to the code that shares its layers with `iom_model`."""
-    start = [layer.name for layer in iom_model.layers].index('perm_layer')
     inputs = layers.Input([embd_shape], name='embedding')
     x = inputs
-    for layer in iom_model.layers[start:]:
+    for layer in trained_iom_layers(iom_model):
         x = layer(x)
     return tf.keras.Model(inputs, x, name='iom_stack')
 
 
 def stage2_checkpoint(iom_model, **extra):
     """tf.train.Checkpoint over the trainable IoM layers (the frozen backbone is not duplicated)."""
-    start = [layer.name for layer in iom_model.layers].index('perm_layer')
-    tracked = {f'layer_{i}': layer for i, layer in enumerate(iom_model.layers[start:])}
+    tracked = {f'layer_{i}': layer for i, layer in enumerate(trained_iom_layers(iom_model))}
     return tf.train.Checkpoint(**tracked, **extra)
 
 
@@ -190,8 +194,7 @@ def load_iom_model(cfg, perm_key=None, verbose=True):
 
 def iom_codes(iom_model, embeddings, perm_key=None, batch_size=1024):
     """Hash precomputed embeddings with the model's IoM layers, optionally under another key."""
-    start = [layer.name for layer in iom_model.layers].index('perm_layer')
-    stack = list(iom_model.layers[start:])
+    stack = trained_iom_layers(iom_model)
     if perm_key is not None:
         stack[0] = PermLayer(perm_key, name='perm_layer')
     out = []

@@ -289,13 +289,17 @@ class Stage2Model:
     """The pieces stage 2 trains: frozen embedding model + IoM layers (shared with `iom_model`)."""
 
     def __init__(self, cfg):
-        from modules.models import IoMFaceModel, arcface_from_config, load_backbone_weights
+        from modules.models import (
+            IoMFaceModel,
+            arcface_from_config,
+            load_backbone_weights,
+            trained_iom_layers,
+        )
         self.arcface_model = arcface_from_config(cfg, use_pretrain=False)
         self.backbone_source = load_backbone_weights(self.arcface_model, cfg)
         self.arcface_model.trainable = False
         self.iom_model = IoMFaceModel(cfg, self.arcface_model)
-        start = [layer.name for layer in self.iom_model.layers].index('perm_layer')
-        self.stack = self.iom_model.layers[start:]
+        self.stack = trained_iom_layers(self.iom_model)
         self.head = self.stack[-1]
         self.w_decay = cfg['w_decay']
 
@@ -368,7 +372,8 @@ def train_stage2(cfg, strategy=None):
     from modules.models import stage2_checkpoint
 
     batch = stage2_batch(cfg)
-    folders = list_identity_folders(cfg['train_dataset'], cfg['img_ext'])  # fail fast on bad data
+    # Listed once, before any model is built, so a bad folder fails fast.
+    folders = list_identity_folders(cfg['train_dataset'], cfg['img_ext'])
     strategy = strategy or get_strategy()
     if cfg['classes_per_batch'] % strategy.num_replicas_in_sync:
         raise UserError(f"classes_per_batch {cfg['classes_per_batch']} is not divisible by the "
@@ -403,7 +408,7 @@ def train_stage2(cfg, strategy=None):
         dataset = tf.data.Dataset.from_generator(batches, output_signature=spec).prefetch(2)
         embed = None
     else:
-        dataset = load_pk_dataset(cfg['train_dataset'], cfg['classes_per_batch'],
+        dataset = load_pk_dataset(folders, cfg['classes_per_batch'],
                                   cfg['samples_per_class'], img_ext=cfg['img_ext'],
                                   is_ccrop=cfg['is_ccrop'], augment=False, seed=seed)[0]
         embed = net.arcface_model
