@@ -1,0 +1,271 @@
+"""ONNX iresnet models (InsightFace model zoo: PyTorch iresnet exports, or MXNet models exported
+to ONNX)."""
+import time
+
+import numpy as np
+
+from modules.utils import UserError
+from modules.weights.canonical import (
+    FILTERS,
+    META_KEY,
+    affine_text,
+    backbone_for_units,
+    bn_after,
+    canonical_to_npy,
+    check_canonical,
+    norm_scale,
+    weight_meta,
+)
+
+_ONNX_PASS = ('Identity', 'Dropout')
+
+
+class _OnnxGraph:
+    """Producers/consumers and constant values of an ONNX graph, with pass-through ops hidden."""
+
+    def __init__(self, path):
+        import onnx
+        from onnx import numpy_helper
+        self.path = path
+        try:
+            model = onnx.load(path)
+        except FileNotFoundError:
+            raise UserError(f'ONNX file not found: {path}') from None
+        except Exception as err:  # noqa: BLE001 - protobuf raises several types on bad input
+            raise UserError(f'{path}: not a readable ONNX model ({type(err).__name__}: '
+                            f'{err})') from None
+        graph = model.graph
+        self.consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        self.producer, self.consumers, nodes = {}, {}, []
+        for node in graph.node:
+            if node.op_type == 'Constant':
+                for attr in node.attribute:
+                    if attr.name == 'value':
+                        self.consts[node.output[0]] = numpy_helper.to_array(attr.t)
+                    elif attr.name in ('value_float', 'value_floats', 'value_int', 'value_ints'):
+                        self.consts[node.output[0]] = np.asarray(
+                            onnx.helper.get_attribute_value(attr))
+                continue
+            nodes.append(node)
+            for out in node.output:
+                self.producer[out] = node
+            for inp in node.input:
+                self.consumers.setdefault(inp, []).append(node)
+        self.inputs = [i.name for i in graph.input if i.name not in self.consts]
+        self.outputs = [o.name for o in graph.output]
+        self.attr = lambda node: {a.name: onnx.helper.get_attribute_value(a)
+                                  for a in node.attribute}
+        if len(self.inputs) != 1:
+            raise UserError(f'{path}: expected one image input, found {self.inputs}')
+
+    def follow(self, tensor):
+        """Consumers of `tensor`, looking through Identity/Dropout."""
+        out = []
+        for node in self.consumers.get(tensor, []):
+            if node.op_type in _ONNX_PASS:
+                out += self.follow(node.output[0])
+            else:
+                out.append(node)
+        return out
+
+    def source(self, tensor):
+        """The tensor that `tensor` is, once Identity/Dropout are looked through."""
+        node = self.producer.get(tensor)
+        while node is not None and node.op_type in _ONNX_PASS:
+            tensor = node.input[0]
+            node = self.producer.get(tensor)
+        return tensor
+
+    def only(self, tensor, ops, what):
+        """The single consumer of `tensor`, which must be one of `ops`."""
+        nodes = self.follow(tensor)
+        if len(nodes) != 1 or nodes[0].op_type not in ops:
+            found = [f'{n.op_type} {n.name!r}' for n in nodes] or ['nothing']
+            raise UserError(f'{self.path}: after {what} expected {"/".join(ops)}, found '
+                            + ', '.join(found) + ': not an iresnet graph')
+        return nodes[0]
+
+    def const(self, node, index, what):
+        """Input `index` of `node` as a float64 array (None if absent); it must be constant."""
+        name = node.input[index] if index < len(node.input) else ''
+        if name == '':
+            return None
+        if name not in self.consts:
+            raise UserError(f'{self.path}: {what} of node {node.name!r} is not a constant')
+        return np.asarray(self.consts[name], np.float64)
+
+
+def _onnx_conv(g, node, k, stride, filters, where):
+    a = g.attr(node)
+    weight = g.const(node, 1, 'the weight')
+    bias = g.const(node, 2, 'the bias')
+    got = (tuple(a.get('kernel_shape', weight.shape[2:])), tuple(a.get('strides', (1, 1))),
+           tuple(a.get('pads', (0, 0, 0, 0))), int(a.get('group', 1)),
+           tuple(a.get('dilations', (1, 1))), weight.shape[0])
+    want = ((k, k), (stride, stride), (k // 2,) * 4, 1, (1, 1), filters)
+    auto_pad = a.get('auto_pad', b'NOTSET')
+    if got != want or auto_pad not in (b'NOTSET', 'NOTSET'):
+        raise UserError(f'{g.path}: Conv {node.name!r} ({where}): (kernel, strides, pads, group, '
+                        f'dilations, filters) = {got}, expected {want}')
+    conv = {'kernel': weight, 'bias': bias}
+    out = node.output[0]
+    bn = None
+    nxt = g.follow(out)
+    if len(nxt) == 1 and nxt[0].op_type == 'BatchNormalization':
+        bn = _onnx_bn(g, nxt[0])
+        out = nxt[0].output[0]
+    return conv, bn, out
+
+
+def _onnx_bn(g, node):
+    a = g.attr(node)
+    if a.get('training_mode', 0):
+        raise UserError(f'{g.path}: BatchNormalization {node.name!r} is in training mode')
+    return {'gamma': g.const(node, 1, 'the scale'), 'beta': g.const(node, 2, 'the bias'),
+            'mean': g.const(node, 3, 'the mean'), 'var': g.const(node, 4, 'the variance'),
+            'eps': float(a.get('epsilon', 1e-5))}
+
+
+def _onnx_prelu(g, tensor, what):
+    node = g.only(tensor, ('PRelu',), what)
+    return {'slope': g.const(node, 1, 'the slope')}, node.output[0]
+
+
+def _onnx_prenorm(g, tensor, assume):
+    """Leading scalar Sub/Add/Mul/Div nodes: (a, b, text, tensor after them)."""
+    a, b, seen = 1.0, 0.0, 0
+    while True:
+        nodes = g.follow(tensor)
+        if len(nodes) != 1 or nodes[0].op_type not in ('Sub', 'Add', 'Mul', 'Div'):
+            break
+        node = nodes[0]
+        ins = [g.source(i) for i in node.input]
+        if ins[0] != tensor or ins[1] not in g.consts:
+            raise UserError(f'{g.path}: input normalisation node {node.name!r} '
+                            f'({node.op_type}) must take the image first and a constant second')
+        c = np.asarray(g.consts[ins[1]], np.float64)
+        if c.size == 0 or not np.all(c == c.flat[0]):
+            raise UserError(f'{g.path}: node {node.name!r} ({node.op_type}) uses per-channel '
+                            'constants: unsupported input normalisation')
+        c = float(c.flat[0])
+        if node.op_type == 'Sub':
+            b -= c
+        elif node.op_type == 'Add':
+            b += c
+        elif node.op_type == 'Mul':
+            a, b = a * c, b * c
+        else:
+            a, b = a / c, b / c
+        seen += 1
+        tensor = node.output[0]
+    if seen:
+        return a, b, f'{affine_text(a, b)} inside the graph', tensor
+    mean, std = assume or (127.5, 127.5)
+    text = f'{affine_text(1 / std, -mean / std)} outside the graph (' + (
+        'given by the user)' if assume else 'assumed: InsightFace model-zoo convention)')
+    return 1 / std, -mean / std, text, tensor
+
+
+def onnx_to_npy(path, backbone=None, assume_norm=None):
+    """Convert an InsightFace iresnet ONNX model to a weight dict; returns (weights, summary).
+
+    `assume_norm` = (mean, std) is used only when the graph does not normalise its input itself
+    (default (127.5, 127.5), the model zoo's convention).
+    """
+    start = time.perf_counter()
+    g = _OnnxGraph(path)
+    a, b, norm_text, t = _onnx_prenorm(g, g.inputs[0], assume_norm)
+    scale = norm_scale(a, b, norm_text, f'{path}: ')
+    canon, folded = {}, 0
+
+    def put_conv(name, conv, bn):
+        nonlocal folded
+        canon[name] = conv
+        if bn is not None:
+            canon[bn_after(name)] = bn
+        elif conv['bias'] is not None:
+            folded += 1
+
+    conv0 = g.only(t, ('Conv',), 'the input')
+    conv, bn, t = _onnx_conv(g, conv0, 3, 1, FILTERS[0], 'conv0')
+    put_conv('conv0', conv, bn)
+    canon['relu0'], t = _onnx_prelu(g, t, 'conv0')
+    units, stage, unit = [], 0, 0
+    while True:
+        nodes = g.follow(t)
+        bns = [n for n in nodes if n.op_type == 'BatchNormalization']
+        if len(nodes) == 1 and bns:
+            break
+        others = [n for n in nodes if n.op_type != 'BatchNormalization']
+        if len(nodes) != 2 or len(bns) != 1 or others[0].op_type not in ('Add', 'Conv'):
+            found = ', '.join(f'{n.op_type} {n.name!r}' for n in nodes) or 'nothing'
+            raise UserError(f'{path}: a residual unit input feeds {found}: expected '
+                            'BatchNormalization plus Add or a 1x1 Conv: not an iresnet graph')
+        downsample = others[0].op_type == 'Conv'
+        if downsample:
+            stage, unit = stage + 1, 1
+            if stage > 4:
+                raise UserError(f'{path}: more than 4 downsampling stages: not an iresnet graph')
+            units.append(0)
+        elif stage == 0:
+            raise UserError(f'{path}: the first residual unit has no downsampling shortcut')
+        else:
+            unit += 1
+        units[-1] += 1
+        p, filters = f'stage{stage}_unit{unit}', FILTERS[stage - 1]
+        canon[p + '_bn1'] = _onnx_bn(g, bns[0])
+        node = g.only(bns[0].output[0], ('Conv',), p + '_bn1')
+        conv, bn, x = _onnx_conv(g, node, 3, 1, filters, p + '_conv1')
+        put_conv(p + '_conv1', conv, bn)
+        canon[p + '_relu1'], x = _onnx_prelu(g, x, p + '_conv1')
+        node = g.only(x, ('Conv',), p + '_relu1')
+        conv, bn, x = _onnx_conv(g, node, 3, 2 if downsample else 1, filters, p + '_conv2')
+        put_conv(p + '_conv2', conv, bn)
+        shortcut = t
+        if downsample:
+            conv, bn, shortcut = _onnx_conv(g, others[0], 1, 2, filters, p + '_conv1sc')
+            put_conv(p + '_conv1sc', conv, bn)
+        add = g.only(x, ('Add',), p + '_conv2')
+        if sorted(g.source(i) for i in add.input) != sorted((g.source(x), g.source(shortcut))):
+            raise UserError(f'{path}: Add {add.name!r} does not join {p} with its shortcut')
+        t = add.output[0]
+    name = backbone_for_units(tuple(units), backbone, f'{path}: ')
+    canon['bn1'] = _onnx_bn(g, bns[0])
+    node = g.only(bns[0].output[0], ('Flatten', 'Reshape'), 'the last BatchNormalization')
+    if node.op_type == 'Flatten' and g.attr(node).get('axis', 1) != 1:
+        raise UserError(f'{path}: Flatten {node.name!r} must use axis 1')
+    node = g.only(node.output[0], ('Gemm', 'MatMul'), node.op_type)
+    if node.op_type == 'Gemm':
+        ga = g.attr(node)
+        if ga.get('transA', 0):
+            raise UserError(f'{path}: Gemm {node.name!r} with transA is unsupported')
+        w = g.const(node, 1, 'the weight')
+        weight = ga.get('alpha', 1.0) * (w if ga.get('transB', 0) else w.T)
+        c = g.const(node, 2, 'the bias')
+        c = np.zeros(1) if c is None else c.reshape(-1)
+        if c.size not in (1, weight.shape[0]):
+            raise UserError(f'{path}: Gemm {node.name!r} bias has {c.size} values')
+        bias = np.broadcast_to(ga.get('beta', 1.0) * c, (weight.shape[0],)).astype(np.float64)
+        t = node.output[0]
+    else:
+        weight = g.const(node, 1, 'the weight').T
+        node = g.only(node.output[0], ('Add',), 'MatMul')
+        const_in = [i for i in node.input if i in g.consts]
+        if len(const_in) != 1:
+            raise UserError(f'{path}: Add {node.name!r} after MatMul needs a constant bias')
+        bias = np.asarray(g.consts[const_in[0]], np.float64).reshape(-1)
+        t = node.output[0]
+    canon['pre_fc1'] = {'weight': weight, 'bias': bias}
+    node = g.only(t, ('BatchNormalization',), 'the fully connected layer')
+    canon['fc1'] = _onnx_bn(g, node)
+    tail = g.follow(node.output[0])
+    if tail:
+        raise UserError(f'{path}: unsupported layers after the final BatchNormalization: '
+                        + ', '.join(f'{n.op_type} {n.name!r}' for n in tail))
+    check_canonical(canon, tuple(units), f'{path}: ')
+    weights = canonical_to_npy(canon, tuple(units), scale)
+    weights[META_KEY] = weight_meta('onnx', name, norm_text)
+    summary = {'source': f'ONNX {path}', 'backbone': name, 'units': tuple(units),
+               'layers': len(weights) - 1, 'input_norm': norm_text, 'conv0_scale': scale,
+               'folded_bn': folded, 'ignored': [], 'seconds': time.perf_counter() - start}
+    return weights, summary
