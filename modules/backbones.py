@@ -8,6 +8,8 @@ import warnings
 
 import tensorflow as tf
 
+from modules.utils import INSIGHT_UNITS
+
 layers = tf.keras.layers
 
 # ImageNet weight files as Keras caches them (keras.utils.get_file into ~/.keras/models).
@@ -15,7 +17,6 @@ _IMAGENET_FILES = {
     'ResNet50': 'resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5',
     'MobileNetV2': 'mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5',
 }
-INSIGHT_UNITS = {'Insight_ResNet100': (3, 13, 30, 3), 'Insight_ResNet50': (3, 4, 14, 3)}
 INSIGHT_FILTERS = (64, 128, 256, 512)
 BN_EPS = 2e-5  # MXNet's BatchNorm epsilon, kept so converted weights reproduce the original
 BN_MOMENTUM = 0.9

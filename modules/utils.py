@@ -41,7 +41,12 @@ def cli_guard(fn):
 # default.
 REQUIRED = object()
 
-BACKBONES = ('ResNet50', 'MobileNetV2', 'Insight_ResNet100', 'Insight_ResNet50')
+# LResNet-IR residual units per stage (arcface_torch's iresnet18 ... iresnet200). Kept here, not in
+# modules/backbones.py, so that the weight converters read it without importing TensorFlow.
+INSIGHT_UNITS = {'Insight_ResNet18': (2, 2, 2, 2), 'Insight_ResNet34': (3, 4, 6, 3),
+                 'Insight_ResNet50': (3, 4, 14, 3), 'Insight_ResNet100': (3, 13, 30, 3),
+                 'Insight_ResNet200': (6, 26, 60, 6)}
+BACKBONES = ('ResNet50', 'MobileNetV2', *INSIGHT_UNITS)
 LOSS_FUNS = ('batch_hard_triplet', 'batch_all_triplet_loss', 'semihard_triplet_loss',
              'batch_all_arc_triplet_loss', 'batch_hard_arc_triplet_loss')
 

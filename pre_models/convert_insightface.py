@@ -13,7 +13,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from modules.utils import UserError, cli_guard, quiet_tensorflow  # noqa: E402
+from modules.utils import INSIGHT_UNITS, UserError, cli_guard, quiet_tensorflow  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('input', None, 'model.onnx, or an MXNet checkpoint prefix (prefix-symbol.json '
@@ -21,7 +21,7 @@ flags.DEFINE_string('input', None, 'model.onnx, or an MXNet checkpoint prefix (p
 flags.DEFINE_integer('epoch', 0, 'MXNet checkpoint epoch (the 4-digit number in the .params name)')
 flags.DEFINE_string('output', None, 'weight-dict .npy to write, e.g. '
                                     'pre_models/resnet100/resnet100.npy')
-flags.DEFINE_enum('backbone', None, ['Insight_ResNet100', 'Insight_ResNet50'],
+flags.DEFINE_enum('backbone', None, list(INSIGHT_UNITS),
                   'expected backbone (default: inferred from the unit counts)')
 flags.DEFINE_float('input_mean', None, 'only for graphs that do not normalise their input: the '
                                        'mean they expect (default 127.5)')

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from modules.utils import UserError
+from modules.utils import INSIGHT_UNITS, UserError
 
 BN_EPS = 2e-5  # the Keras backbone's BatchNormalization epsilon (modules/backbones.py)
 FILTERS = (64, 128, 256, 512)
@@ -47,7 +47,6 @@ def bn_after(conv_name):
 
 def supported_units():
     """Backbone name -> unit counts per stage, as modules/backbones.py defines them."""
-    from modules.backbones import INSIGHT_UNITS
     return dict(INSIGHT_UNITS)
 
 
