@@ -3,29 +3,20 @@ import os
 
 from absl import app, flags
 
-from modules.utils import STAGE2_REQUIRED, UserError, cli_guard, load_config, quiet_tensorflow
+from modules.align import ALIGN_MODES
+from modules.utils import STAGE2_REQUIRED, cli_guard, load_config, quiet_tensorflow
 
 flags.DEFINE_string('cfg_path', './configs/config_15/cfg15_allloss_res100_512x8.yaml',
                     'stage-2 config file path')
 flags.DEFINE_string('sample_dir', os.path.join('data', 'samples'),
-                    'folder with personA_1.jpg, personA_2.jpg and personB_1.jpg')
+                    'folder with personA_1.jpg, personA_2.jpg and personB_1.jpg: aligned 112x112 '
+                    'crops or photographs (see --align)')
+flags.DEFINE_enum('align', 'auto', ALIGN_MODES,
+                  'detect and align faces: auto = only photos that are not already input_size '
+                  'square, always = every photo, never = resize as they are')
 flags.DEFINE_string('gpu', None, "GPUs to use, e.g. '0' (default: all visible)")
 FLAGS = flags.FLAGS
 SAMPLES = ('personA_1.jpg', 'personA_2.jpg', 'personB_1.jpg')
-
-
-def read_face(path, size):
-    """An aligned face photo as RGB float32 in [0, 1], resized to size x size."""
-    import cv2
-    import numpy as np
-    if not os.path.isfile(path):
-        raise UserError(f'sample image not found: {path}')
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
-    if image is None:
-        raise UserError(f'cannot read image {path}')
-    if image.shape[:2] != (size, size):
-        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
 
 
 @cli_guard
@@ -35,11 +26,12 @@ def main(_):
     quiet_tensorflow()
     import numpy as np
 
+    from modules.align import load_face
     from modules.models import load_iom_model
     from modules.training import configure_devices
     configure_devices(FLAGS.gpu)
-    images = np.stack([read_face(os.path.join(FLAGS.sample_dir, name), cfg['input_size'])
-                       for name in SAMPLES])
+    images = np.stack([load_face(os.path.join(FLAGS.sample_dir, name), cfg['input_size'],
+                                 FLAGS.align) for name in SAMPLES]).astype(np.float32) / 255.0
     model = load_iom_model(cfg)
     model.summary()
     codes = model(images, training=False).numpy()
