@@ -1,4 +1,4 @@
-"""Check a config's training data: decode a few batches, print their statistics, draw a grid."""
+"""Check a config's training data: decode a few batches (statistics, image grid), or --full: all of it."""
 from absl import app, flags
 
 from modules.utils import cli_guard, load_config, quiet_tensorflow
@@ -7,6 +7,9 @@ flags.DEFINE_string('cfg_path', './configs/arc_res50.yaml', 'config file path (s
 flags.DEFINE_integer('num_batches', 2, 'number of batches to decode')
 flags.DEFINE_string('output', 'logs/dataset_check.png', 'PNG grid of up to 32 images')
 flags.DEFINE_boolean('augment', True, 'show the training augmentations (--noaugment: plain images)')
+flags.DEFINE_boolean('full', False, 'decode every training image (TFRecord or identity folders) '
+                     'and write a report of every bad record or file and why')
+flags.DEFINE_string('report', 'logs/dataset_full_check.txt', '--full: report file')
 FLAGS = flags.FLAGS
 
 
@@ -15,8 +18,11 @@ def main(_):
     """Load the config and check its train_dataset."""
     cfg = load_config(FLAGS.cfg_path, required=('train_dataset', 'batch_size'))
     quiet_tensorflow()
-    from modules.dataset import check_dataset
-    check_dataset(cfg, FLAGS.num_batches, FLAGS.output, augment=FLAGS.augment)
+    from modules.dataset import check_dataset, full_check
+    if FLAGS.full:
+        full_check(cfg, FLAGS.report)
+    else:
+        check_dataset(cfg, FLAGS.num_batches, FLAGS.output, augment=FLAGS.augment)
 
 
 if __name__ == '__main__':

@@ -13,7 +13,9 @@ TensorFlow, OpenCV and matplotlib are imported inside the functions that need th
 `pk_index_batches` (pure numpy, also used on cached embeddings) stays cheap to import.
 """
 import os
+import re
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -215,6 +217,116 @@ def _decode(encoded):
     return tf.image.convert_image_dtype(image, tf.float32)  # uint8 -> [0, 1]
 
 
+def _guarded(fn, arg, fallback):
+    """(fn(arg), True), or (fallback, False) if fn fails: a validity flag computed in the graph.
+
+    A one-element dataset with ignore_errors turns the op's error into "no element"; the fallback
+    fills in. Unlike ignore_errors on the training pipeline itself, this keeps the failed element
+    (so it can be counted and named) and runs in TensorFlow's threads, without Python.
+    """
+    import tensorflow as tf
+
+    attempt = tf.data.Dataset.from_tensors(arg).map(lambda a: (fn(a), True)).ignore_errors()
+    fallback = tf.data.Dataset.from_tensors((fallback, False))
+    return attempt.concatenate(fallback).take(1).get_single_element()
+
+
+def _decode_checked(encoded):
+    """Decoded [0, 1] image and a validity flag (False: not an image, corrupt, truncated, empty)."""
+    import tensorflow as tf
+
+    return _guarded(_decode, encoded, tf.zeros((1, 1, 3)))
+
+
+def _read_decode_checked(path):
+    """Image read from `path` and a validity flag (False: missing, unreadable or undecodable)."""
+    import tensorflow as tf
+
+    return _guarded(lambda p: _decode(tf.io.read_file(p)), path, tf.zeros((1, 1, 3)))
+
+
+class BadImageError(UserError):
+    """A training image could not be used and the config says `bad_images: fail`."""
+
+
+def _bad_reason(path):
+    if not path:
+        return 'cannot be decoded (corrupt, truncated or not an image)'
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return 'missing or unreadable file'
+    return 'empty file' if size == 0 else 'cannot be decoded (corrupt, truncated or not an image)'
+
+
+class BadImages:
+    """Training images left out because they cannot be read or decoded (config `bad_images`).
+
+    Each image counts once however often it is drawn; the first `SHOWN` are named on stderr.
+    mode 'fail': `check()` raises a BadImageError naming the first one.
+    """
+
+    SHOWN = 5
+
+    def __init__(self, mode='skip'):
+        if mode not in ('skip', 'fail'):
+            raise UserError(f"bad_images must be 'skip' or 'fail', got {mode!r}")
+        self.mode = mode
+        self._lock = threading.Lock()
+        self._reasons = {}  # name -> reason, in the order met
+
+    @property
+    def count(self):
+        """Number of distinct bad images met so far."""
+        return len(self._reasons)
+
+    @property
+    def examples(self):
+        """'name: reason' of the first SHOWN bad images."""
+        with self._lock:
+            return [f'{n}: {r}' for n, r in list(self._reasons.items())[:self.SHOWN]]
+
+    def record(self, name, path=b''):
+        """Note one bad image (`name` says where it is; `path`, if a file, gives the reason)."""
+        name, path = os.fsdecode(name), os.fsdecode(path)
+        with self._lock:
+            if name in self._reasons:
+                return
+            self._reasons[name] = _bad_reason(path)
+            number = len(self._reasons)
+        if self.mode == 'skip' and number <= self.SHOWN:
+            from tqdm import tqdm
+            tqdm.write(f'warning: bad image left out: {name}: {self._reasons[name]}'
+                       + (' (further ones are only counted)' if number == self.SHOWN else ''),
+                       file=sys.stderr)
+
+    def check(self):
+        """In mode 'fail', raise a BadImageError naming the first bad image met."""
+        if self.mode == 'fail' and self._reasons:
+            name, reason = next(iter(self._reasons.items()))
+            raise BadImageError(f'bad training image {name}: {reason} (bad_images: fail; '
+                                'set bad_images: skip to leave such images out)')
+
+    def summary(self):
+        """Count and first offenders, for the run summary."""
+        return {'bad_images': self.count, 'bad_image_examples': self.examples}
+
+
+def _drop_bad(dataset, bad_images):
+    """Filter (image, label, ok, name, path) elements to (image, label), recording the bad ones."""
+    import tensorflow as tf
+
+    def report(name, path):
+        bad_images.record(name.numpy(), path.numpy())
+        return False
+
+    def keep(image, label, ok, name, path):
+        return tf.cond(ok, lambda: tf.constant(True),
+                       lambda: tf.ensure_shape(tf.py_function(report, [name, path], tf.bool), []))
+
+    return dataset.filter(keep).map(lambda image, label, ok, name, path: (image, label))
+
+
 def _transform(image, seed, augment, is_ccrop):
     """Bring a decoded [0,1] image to (112, 112, 3), with optional augmentation and central crop.
 
@@ -247,13 +359,22 @@ def _transform(image, seed, augment, is_ccrop):
     return tf.ensure_shape(image, (IMAGE_SIZE, IMAGE_SIZE, 3))
 
 
-def image_file_dataset(paths, batch_size, is_ccrop=False):
-    """Batches of the images at `paths`, in order, decoded to (112, 112, 3) [0, 1] without augmentation."""
+def image_file_dataset(paths, batch_size, is_ccrop=False, with_validity=False):
+    """Batches of the images at `paths`, in order, decoded to (112, 112, 3) [0, 1] without augmentation.
+
+    with_validity: batches of (images, ok); an image that cannot be read or decoded is all zeros
+    with ok False, instead of an error that ends the iteration.
+    """
     import tensorflow as tf
 
+    def load(path):
+        if with_validity:
+            image, ok = _read_decode_checked(path)
+            return _transform(image, None, False, is_ccrop), ok
+        return _transform(_decode(tf.io.read_file(path)), None, False, is_ccrop)
+
     dataset = tf.data.Dataset.from_tensor_slices(list(paths))
-    dataset = dataset.map(lambda path: _transform(_decode(tf.io.read_file(path)), None, False, is_ccrop),
-                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
@@ -295,8 +416,52 @@ def _check_tfrecord_flavour(tfrecord_path, binary_img):
                         f'{bool(binary_img)}{hint}')
 
 
+_CONVERT_HINT = ('re-run data/convert_train_binary_tfrecord.py (or data/convert_train_tfrecord.py '
+                 'for binary_img: False) to write it again')
+# Files up to this size are scanned (CRC of every record) before a model is built: about a second
+# per few hundred MB. Bigger ones are checked as training reads them (dataset_checker.py --full
+# scans them on request).
+SCAN_LIMIT_BYTES = 1 << 30
+
+
+def tfrecord_read_error(tfrecord_path, err, record_index=None):
+    """A UserError for a TFRecord read failure (truncated / corrupt): file, offset, record, hint."""
+    message = err.message if hasattr(err, 'message') else str(err)
+    found = re.search(r'(truncated|corrupted) record at (\d+)', message)
+    if found:
+        what = f'{found.group(1)} record at byte offset {found.group(2)}'
+    else:
+        what = f"unreadable ({message.strip().splitlines()[0] if message.strip() else 'data loss'})"
+    where = f' (record {record_index})' if record_index is not None else ''
+    return UserError(f'{tfrecord_path}: {what}{where}: the file is cut short or damaged; '
+                     + _CONVERT_HINT)
+
+
+def scan_tfrecord(tfrecord_path):
+    """Read every record of a TFRecord (checking its CRCs); return the count, or raise a UserError
+    naming the byte offset and index of the first bad record."""
+    import tensorflow as tf
+
+    _require_file(tfrecord_path)
+    records = tf.data.TFRecordDataset(tfrecord_path, buffer_size=1 << 22)
+    count = 0
+    try:
+        for lengths in records.map(tf.strings.length).batch(4096):
+            count += int(lengths.shape[0])
+    except tf.errors.DataLossError as err:
+        index = count  # the failing batch is lost: find the record within it
+        try:
+            for _ in records.skip(count):
+                index += 1
+        except tf.errors.DataLossError:
+            pass
+        raise tfrecord_read_error(tfrecord_path, err, index) from None
+    return count
+
+
 def load_tfrecord_dataset(tfrecord_path, batch_size, binary_img=True, is_ccrop=False, shuffle=True,
-                          buffer_size=10240, augment=True, repeat=True, seed=None):
+                          buffer_size=10240, augment=True, repeat=True, seed=None,
+                          bad_images=None):
     """Stage-1 tf.data pipeline over a converted TFRecord: batches of (images, int64 labels).
 
     Images are RGB float32 in [0, 1], (batch_size, 112, 112, 3); see `_transform` for `augment`
@@ -304,6 +469,11 @@ def load_tfrecord_dataset(tfrecord_path, batch_size, binary_img=True, is_ccrop=F
     shuffled (buffer of `buffer_size` serialized records) before decoding, decoded in parallel,
     batched with drop_remainder=True and prefetched. `seed` makes order and augmentation
     reproducible. binary_img=False reads each image from its stored path.
+
+    Images that cannot be read or decoded are left out and recorded in `bad_images` (a BadImages;
+    by default a new one in 'skip' mode), named by file + record index (+ image/filename or
+    image/img_path). A truncated or corrupt file raises a tf.errors.DataLossError when met: turn
+    it into a clear error with `tfrecord_read_error`.
     """
     import tensorflow as tf
 
@@ -311,29 +481,39 @@ def load_tfrecord_dataset(tfrecord_path, batch_size, binary_img=True, is_ccrop=F
     if batch_size < 1:
         raise UserError(f'batch_size must be positive, got {batch_size}')
     _check_tfrecord_flavour(tfrecord_path, binary_img)
+    bad_images = BadImages() if bad_images is None else bad_images
     if binary_img:
         features = {'image/source_id': tf.io.FixedLenFeature([], tf.int64),
-                    'image/encoded': tf.io.FixedLenFeature([], tf.string)}
+                    'image/encoded': tf.io.FixedLenFeature([], tf.string),
+                    'image/filename': tf.io.FixedLenFeature([], tf.string, default_value='')}
     else:
         features = {'image/source_id': tf.io.FixedLenFeature([], tf.int64),
                     'image/img_path': tf.io.FixedLenFeature([], tf.string)}
 
-    def parse(record, image_seed):
+    def parse(index, record, image_seed):
         parsed = tf.io.parse_single_example(record, features)
-        encoded = (parsed['image/encoded'] if binary_img
-                   else tf.io.read_file(parsed['image/img_path']))
-        image = _transform(_decode(encoded), image_seed, augment, is_ccrop)
-        return image, tf.cast(parsed['image/source_id'], tf.int64)
+        where = tf.strings.join([tfrecord_path, ' record ', tf.strings.as_string(index)])
+        if binary_img:
+            image, ok = _decode_checked(parsed['image/encoded'])
+            name = tf.strings.join([where, ' (', parsed['image/filename'], ')'])
+            path = tf.constant(b'')
+        else:
+            path = parsed['image/img_path']
+            image, ok = _read_decode_checked(path)
+            name = tf.strings.join([path, ' (', where, ')'])
+        image = _transform(image, image_seed, augment, is_ccrop)
+        return image, tf.cast(parsed['image/source_id'], tf.int64), ok, name, path
 
-    dataset = tf.data.TFRecordDataset(tfrecord_path)
+    dataset = tf.data.TFRecordDataset(tfrecord_path).enumerate()
     if shuffle:
         dataset = dataset.shuffle(buffer_size, seed=seed, reshuffle_each_iteration=True)
     if repeat:
         dataset = dataset.repeat()
     dataset = _with_seeds(dataset, seed)
-    dataset = dataset.map(parse, num_parallel_calls=tf.data.AUTOTUNE,
+    dataset = dataset.map(lambda pair, image_seed: parse(*pair, image_seed),
+                          num_parallel_calls=tf.data.AUTOTUNE,
                           deterministic=(seed is not None) or not shuffle)
-    dataset = dataset.batch(batch_size, drop_remainder=True)
+    dataset = _drop_bad(dataset, bad_images).batch(batch_size, drop_remainder=True)
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
@@ -411,7 +591,7 @@ def pk_index_batches(labels, classes_per_batch, samples_per_class, seed=0, epoch
 
 
 def load_pk_dataset(root, classes_per_batch, samples_per_class, img_ext='jpg', is_ccrop=False,
-                    augment=True, seed=0, start_epoch=0):
+                    augment=True, seed=0, start_epoch=0, bad_images=None):
     """Stage-2 PK pipeline over identity folders (`root`: a path, or an already listed
     IdentityFolders, which saves listing a large tree twice).
 
@@ -420,6 +600,11 @@ def load_pk_dataset(root, classes_per_batch, samples_per_class, img_ext='jpg', i
     `pk_index_batches` epoch after epoch (epoch numbers from `start_epoch`, so a resumed run can
     continue the sequence); take `steps_per_epoch` batches per epoch. num_identities counts all
     identity folders holding images; steps_per_epoch counts only identities with 2+ images.
+
+    An image that cannot be read or decoded is recorded in `bad_images` (a BadImages; by default
+    a new one in 'skip' mode) and its slot takes another image of the same identity from the
+    batch, so batches keep their P x K shape; a batch where an identity has no usable image left
+    is dropped.
     """
     import tensorflow as tf
 
@@ -438,10 +623,28 @@ def load_pk_dataset(root, classes_per_batch, samples_per_class, img_ext='jpg', i
             epoch += 1
 
     prefix = os.fsencode(folders.root) + os.fsencode(os.sep)
+    bad_images = BadImages() if bad_images is None else bad_images
 
     def load(rel_path, label, image_seed):
-        image = _decode(tf.io.read_file(tf.strings.join([prefix, rel_path])))
-        return _transform(image, image_seed, augment, is_ccrop), label
+        path = tf.strings.join([prefix, rel_path])
+        image, ok = _read_decode_checked(path)
+        return _transform(image, image_seed, augment, is_ccrop), label, ok, path
+
+    def report(paths, ok):
+        for path in paths.numpy()[~ok.numpy()]:
+            bad_images.record(path, path)
+        return True
+
+    def replace_bad(images, labels, ok, paths):
+        reported = tf.cond(tf.reduce_all(ok), lambda: tf.constant(True),
+                           lambda: tf.ensure_shape(tf.py_function(report, [paths, ok], tf.bool), []))
+        ok = tf.reshape(ok, (p, k))
+        # Identity-major layout: a bad slot takes the first good image of its own row.
+        first_good = tf.argmax(tf.cast(ok, tf.int32), axis=1, output_type=tf.int32)
+        own = tf.reshape(tf.range(p * k), (p, k))
+        source = tf.where(ok, own, (tf.range(p) * k + first_good)[:, None])
+        usable = tf.logical_and(reported, tf.reduce_all(tf.reduce_any(ok, axis=1)))
+        return tf.gather(images, tf.reshape(source, [-1])), labels, usable
 
     spec = (tf.TensorSpec((p * k,), tf.string), tf.TensorSpec((p * k,), tf.int64))
     dataset = tf.data.Dataset.from_generator(batches, output_signature=spec).unbatch()
@@ -450,8 +653,10 @@ def load_pk_dataset(root, classes_per_batch, samples_per_class, img_ext='jpg', i
                                              deterministic=True)
     # Every generated batch holds exactly P*K elements and the map keeps order (deterministic),
     # so re-batching restores the PK batch boundaries.
-    dataset = dataset.batch(p * k, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    return dataset, folders.num_identities, folders.num_images, steps
+    dataset = dataset.batch(p * k, drop_remainder=True).map(replace_bad)
+    dataset = dataset.filter(lambda images, labels, usable: usable)
+    dataset = dataset.map(lambda images, labels, usable: (images, labels))
+    return dataset.prefetch(tf.data.AUTOTUNE), folders.num_identities, folders.num_images, steps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -534,3 +739,70 @@ def check_dataset(cfg, num_batches=2, output_path='logs/dataset_check.png', augm
           f"[{stats['label_min']}, {stats['label_max']}] over {seen} batch(es)")
     print(f'wrote {output_path}')
     return stats
+
+
+def _scan_flags(dataset, total, desc):
+    """Iterate batches of (ok, name, path) with a progress bar; return (count, [(name, reason)])."""
+    from tqdm import tqdm
+
+    bad, count = [], 0
+    with tqdm(total=total, unit='img', desc=desc, dynamic_ncols=True) as bar:
+        for ok, names, paths in dataset:
+            ok = ok.numpy()
+            for name, path in zip(names.numpy()[~ok], paths.numpy()[~ok]):
+                bad.append((os.fsdecode(name), _bad_reason(os.fsdecode(path))))
+            bar.update(len(ok))
+            count += len(ok)
+    return count, bad
+
+
+def full_check(cfg, report_path='logs/dataset_full_check.txt', batch_size=256):
+    """Decode every training image of `cfg` (TFRecord or identity folders) in parallel, as training
+    would; write a report of every bad record or file and why; return (checked, bad list)."""
+    import tensorflow as tf
+
+    source = cfg['train_dataset']
+    if os.path.isdir(source):
+        folders = list_identity_folders(source, cfg.get('img_ext'))
+        paths = [folders.path(i) for i in range(folders.num_images)]
+
+        def check_file(path):
+            return _read_decode_checked(path)[1], path, path
+
+        dataset = tf.data.Dataset.from_tensor_slices(paths).map(
+            check_file, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+        checked, bad = _scan_flags(dataset.batch(batch_size).prefetch(2), len(paths),
+                                   'check images')
+    else:
+        binary_img = cfg.get('binary_img', True)
+        _require_file(source)
+        _check_tfrecord_flavour(source, binary_img)
+        total = scan_tfrecord(source) if os.path.getsize(source) <= SCAN_LIMIT_BYTES else None
+        features = {'image/encoded': tf.io.FixedLenFeature([], tf.string, default_value=''),
+                    'image/filename': tf.io.FixedLenFeature([], tf.string, default_value=''),
+                    'image/img_path': tf.io.FixedLenFeature([], tf.string, default_value='')}
+
+        def check_record(index, record):
+            parsed = tf.io.parse_single_example(record, features)
+            where = tf.strings.join([source, ' record ', tf.strings.as_string(index)])
+            if binary_img:
+                ok = _decode_checked(parsed['image/encoded'])[1]
+                return ok, tf.strings.join([where, ' (', parsed['image/filename'], ')']), b''
+            path = parsed['image/img_path']
+            return _read_decode_checked(path)[1], tf.strings.join([path, ' (', where, ')']), path
+
+        dataset = tf.data.TFRecordDataset(source).enumerate().map(
+            check_record, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+        try:
+            checked, bad = _scan_flags(dataset.batch(batch_size).prefetch(2), total,
+                                       'check records')
+        except tf.errors.DataLossError as err:  # a file above SCAN_LIMIT_BYTES, met while reading
+            raise tfrecord_read_error(source, err) from None
+    with atomic_output(report_path, 'w') as fh:
+        fh.write(f'# {len(bad)} bad of {checked} images in {source}\n')
+        fh.writelines(f'{name}\t{reason}\n' for name, reason in sorted(bad))
+    print(f'checked {checked} images in {source}: {len(bad)} bad')
+    for name, reason in sorted(bad)[:BadImages.SHOWN]:
+        print(f'  {name}: {reason}')
+    print(f'wrote {report_path}')
+    return checked, bad

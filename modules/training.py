@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
+from modules.dataset import BadImageError
 from modules.utils import UserError, checkpoint_dir, log_dir
 
 
@@ -96,6 +97,7 @@ class RunState:
         self.started = None
         self.warm = None
         self.images = 0
+        self.bad_images = None  # a modules.dataset.BadImages when the data pipeline reports to it
 
     @property
     def step(self):
@@ -118,6 +120,13 @@ class RunState:
             self.close()
             raise NonFiniteLoss(f'loss became {loss} at step {self.step}; stopped without '
                                 f'saving, last good checkpoint: {self.manager.latest_checkpoint}')
+        if self.bad_images is not None and self.bad_images.count:
+            try:
+                self.bad_images.check()
+            except UserError as err:
+                self.close()
+                raise type(err)(f'{err}; stopped at step {self.step} without saving, last good '
+                                f'checkpoint: {self.manager.latest_checkpoint}') from None
         step = self.step
         if self.images == 0 and self.started is not None and self.warm is None:
             # The first step traces the tf.function: leave it out of the throughput.
@@ -125,7 +134,8 @@ class RunState:
         else:
             self.images += self.batch_size
         rate = self.images_per_second()
-        self.bar.set_postfix(loss=f'{loss:.4f}', img_s=f'{rate:.1f}', refresh=False)
+        bad = {} if self.bad_images is None else {'bad_img': self.bad_images.count}
+        self.bar.set_postfix(loss=f'{loss:.4f}', img_s=f'{rate:.1f}', **bad, refresh=False)
         self.bar.update(1)
         with self.writer.as_default(step=step):
             tf.summary.scalar('loss/total', loss)
@@ -134,6 +144,8 @@ class RunState:
             tf.summary.scalar('learning_rate', float(lr.numpy() if hasattr(lr, 'numpy') else lr))
             for name, value in (scalars or {}).items():
                 tf.summary.scalar(name, value)
+            if self.bad_images is not None:
+                tf.summary.scalar('data/bad_images', self.bad_images.count)
         if step % self.cfg['save_steps'] == 0 or step >= self.total_steps:
             self.save()
 
@@ -168,7 +180,13 @@ def stage1_total_steps(cfg):
 
 def train_stage1(cfg, mode='eager_tf', strategy=None):
     """Train the ArcFace model of `cfg` (mode 'eager_tf' or 'fit'); returns a summary dict."""
-    from modules.dataset import load_tfrecord_dataset
+    from modules.dataset import (
+        SCAN_LIMIT_BYTES,
+        BadImages,
+        load_tfrecord_dataset,
+        scan_tfrecord,
+        tfrecord_read_error,
+    )
     from modules.losses import softmax_loss
     from modules.models import arcface_from_config, stage1_checkpoint
 
@@ -177,6 +195,9 @@ def train_stage1(cfg, mode='eager_tf', strategy=None):
     if not os.path.isfile(cfg['train_dataset']):
         raise UserError(f"train_dataset not found: {cfg['train_dataset']} (convert the images "
                         'with data/convert_train_binary_tfrecord.py first)')
+    if os.path.getsize(cfg['train_dataset']) <= SCAN_LIMIT_BYTES:
+        scan_tfrecord(cfg['train_dataset'])  # a cut-short file fails now, not at step 0
+    bad_images = BadImages(cfg['bad_images'])
     strategy = strategy or get_strategy()
     total_steps = stage1_total_steps(cfg)
     global_batch = cfg['batch_size']
@@ -191,7 +212,8 @@ def train_stage1(cfg, mode='eager_tf', strategy=None):
     state = RunState(cfg, checkpoint, optimizer, strategy, total_steps, global_batch)
     dataset = load_tfrecord_dataset(cfg['train_dataset'], global_batch,
                                     binary_img=cfg['binary_img'], is_ccrop=cfg['is_ccrop'],
-                                    buffer_size=cfg['shuffle_buffer'])
+                                    buffer_size=cfg['shuffle_buffer'], bad_images=bad_images)
+    state.bad_images = bad_images
     options = tf.data.Options()
     # One TFRecord file cannot be split by file between workers: shard by element instead.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
@@ -204,10 +226,12 @@ def train_stage1(cfg, mode='eager_tf', strategy=None):
             else:
                 _stage1_fit(model, optimizer, softmax_loss, dataset, strategy, state)
             state.save()
+    except tf.errors.DataLossError as err:
+        raise tfrecord_read_error(cfg['train_dataset'], err) from None
     finally:
         state.close()
     summary = {'step': state.step, 'images_per_second': state.images_per_second(),
-               'checkpoint': state.manager.latest_checkpoint}
+               'checkpoint': state.manager.latest_checkpoint, **bad_images.summary()}
     print(json.dumps(summary))
     return summary
 
@@ -252,7 +276,7 @@ class _RunStateCallback(tf.keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         try:
             self.state.after_step(float(logs['loss']))
-        except NonFiniteLoss as err:
+        except (NonFiniteLoss, BadImageError) as err:
             self.error = err
             self.model.stop_training = True
         if self.state.step >= self.state.total_steps:
@@ -325,11 +349,13 @@ class Stage2Model:
         return self.w_decay * tf.add_n([tf.reduce_sum(tf.square(k)) for k in kernels])
 
 
-def _embedding_cache(cfg, net, folders):
+def _embedding_cache(cfg, net, folders, bad_images):
     """Backbone embeddings of every training image, computed once and kept beside the checkpoints.
 
     Valid because the backbone is frozen and stage-2 images are not augmented. The cache is keyed
     by the backbone weights' source and the image list, and recomputed if either changes.
+    Returns (embeddings, valid): images that cannot be read or decoded have valid False and are
+    recorded in `bad_images` (also when the cache is reused).
     """
     from modules.dataset import image_file_dataset
     from modules.utils import atomic_output
@@ -339,19 +365,28 @@ def _embedding_cache(cfg, net, folders):
     path = os.path.join(checkpoint_dir(cfg), 'embedding_cache.npz')
     if os.path.isfile(path):
         with np.load(path, allow_pickle=False) as cached:
-            if str(cached['key']) == key:
+            if str(cached['key']) == key and 'valid' in cached:
                 print(f'[*] using cached embeddings {path}')
-                return cached['embeddings']
+                valid = cached['valid']
+                for i in np.flatnonzero(~valid):
+                    bad_images.record(folders.path(i), folders.path(i))
+                return cached['embeddings'], valid
     paths = [folders.path(i) for i in range(folders.num_images)]
-    dataset = image_file_dataset(paths, cfg['eval_batch_size'], is_ccrop=cfg['is_ccrop'])
+    dataset = image_file_dataset(paths, cfg['eval_batch_size'], is_ccrop=cfg['is_ccrop'],
+                                 with_validity=True)
     embed = tf.function(lambda x: net.arcface_model(x, training=False))
-    chunks = [embed(images).numpy() for images in tqdm(
-        dataset, total=math.ceil(len(paths) / cfg['eval_batch_size']), unit='batch',
-        desc='embedding cache')]
+    chunks, valid = [], []
+    for images, ok in tqdm(dataset, total=math.ceil(len(paths) / cfg['eval_batch_size']),
+                           unit='batch', desc='embedding cache'):
+        chunks.append(embed(images).numpy())
+        valid.append(ok.numpy())
+        for i in np.flatnonzero(~valid[-1]) + (len(valid) - 1) * cfg['eval_batch_size']:
+            bad_images.record(paths[i], paths[i])
     embeddings = np.concatenate(chunks).astype(np.float32)
+    valid = np.concatenate(valid)
     with atomic_output(path) as fh:
-        np.savez(fh, key=np.array(key), embeddings=embeddings)
-    return embeddings
+        np.savez(fh, key=np.array(key), embeddings=embeddings, valid=valid)
+    return embeddings, valid
 
 
 def stage2_total_steps(cfg):
@@ -363,6 +398,7 @@ def stage2_total_steps(cfg):
 def train_stage2(cfg, strategy=None):
     """Train the IoM layers of `cfg` on the frozen embedding model; returns a summary dict."""
     from modules.dataset import (
+        BadImages,
         list_identity_folders,
         load_pk_dataset,
         pk_index_batches,
@@ -374,6 +410,7 @@ def train_stage2(cfg, strategy=None):
     batch = stage2_batch(cfg)
     # Listed once, before any model is built, so a bad folder fails fast.
     folders = list_identity_folders(cfg['train_dataset'], cfg['img_ext'])
+    bad_images = BadImages(cfg['bad_images'])
     strategy = strategy or get_strategy()
     if cfg['classes_per_batch'] % strategy.num_replicas_in_sync:
         raise UserError(f"classes_per_batch {cfg['classes_per_batch']} is not divisible by the "
@@ -392,15 +429,19 @@ def train_stage2(cfg, strategy=None):
     seed = state.step
 
     if cfg['cache_embeddings']:
-        report_pk_sampling(folders, cfg['classes_per_batch'], cfg['samples_per_class'])
-        embeddings = _embedding_cache(cfg, net, folders)
+        embeddings, valid = _embedding_cache(cfg, net, folders, bad_images)
+        bad_images.check()
+        keep = np.flatnonzero(valid)  # PK sampling draws from the decodable images only
+        labels = folders.labels[keep]
+        report_pk_sampling(folders._replace(rel_paths=folders.rel_paths[keep], labels=labels),
+                           cfg['classes_per_batch'], cfg['samples_per_class'])
 
         def batches():
             epoch = 0
             while True:
-                for idx in pk_index_batches(folders.labels, cfg['classes_per_batch'],
+                for idx in pk_index_batches(labels, cfg['classes_per_batch'],
                                             cfg['samples_per_class'], seed=seed, epoch=epoch):
-                    yield embeddings[idx], folders.labels[idx]
+                    yield embeddings[keep[idx]], labels[idx]
                 epoch += 1
 
         spec = (tf.TensorSpec([batch, embeddings.shape[1]], tf.float32),
@@ -410,8 +451,10 @@ def train_stage2(cfg, strategy=None):
     else:
         dataset = load_pk_dataset(folders, cfg['classes_per_batch'],
                                   cfg['samples_per_class'], img_ext=cfg['img_ext'],
-                                  is_ccrop=cfg['is_ccrop'], augment=False, seed=seed)[0]
+                                  is_ccrop=cfg['is_ccrop'], augment=False, seed=seed,
+                                  bad_images=bad_images)[0]
         embed = net.arcface_model
+    state.bad_images = bad_images
 
     def replica_step(inputs, labels):
         embeddings = inputs if embed is None else embed(inputs, training=False)
@@ -446,7 +489,7 @@ def train_stage2(cfg, strategy=None):
         state.close()
     summary = {'step': state.step, 'checkpoint': state.manager.latest_checkpoint,
                'images_per_second': state.images_per_second(),
-               'steps_per_second': state.images_per_second() / batch}
+               'steps_per_second': state.images_per_second() / batch, **bad_images.summary()}
     if evaluator:
         summary['eval'] = evaluator.last
     print(json.dumps(summary))

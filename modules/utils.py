@@ -3,6 +3,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import re
 import sys
 import tempfile
 
@@ -125,6 +126,9 @@ SCHEMA = {
     'cache_embeddings': Key((bool,), False,
                             doc='stage 2: compute frozen-backbone embeddings once and train on them'),
     'eval_steps': Key((int,), 0, doc='stage 2: evaluate every N steps (0: only at the end)'),
+    'bad_images': Key((str,), 'skip', ('skip', 'fail'),
+                      doc='a training image that cannot be read or decoded: skip (leave it out and '
+                          'count it) or fail (stop the run naming it)'),
 }
 
 STAGE1_REQUIRED = ('batch_size', 'sub_name', 'backbone_type', 'train_dataset', 'num_classes',
@@ -275,8 +279,73 @@ def log_dir(cfg):
     return os.path.join('logs', cfg['sub_name'])
 
 
+# TensorFlow's native start-up lines. Those printed before absl::InitializeLog ignore
+# TF_CPP_MIN_LOG_LEVEL, and the cuInit failure of a CPU-only machine is logged at ERROR level.
+_NATIVE_LOG = re.compile(rb'^([IWEF])\d{4} \d+:\d+:\d+\.\d+ +\d+ [\w.]+:\d+\] ')
+_NATIVE_NOISE = (b'WARNING: All log messages before absl::InitializeLog() is called',
+                 b'To enable the following instructions:')
+_CPU_ONLY_ERRORS = (b'failed call to cuInit', b'Unable to register cu')
+
+
+def native_log_lines_to_keep(lines, min_level):
+    """The lines of captured native stderr worth showing: drops TensorFlow's start-up noise.
+
+    Log lines below `min_level` (0 INFO, 1 WARNING, 2 ERROR, as TF_CPP_MIN_LOG_LEVEL) and the
+    CUDA-initialisation errors of a machine without GPU go; anything else (real errors, Python
+    warnings) is kept.
+    """
+    kept = []
+    for line in lines:
+        match = _NATIVE_LOG.match(line)
+        if match:
+            level = 'IWEF'.index(match.group(1).decode())
+            if level < min_level or (level == 2 and any(s in line for s in _CPU_ONLY_ERRORS)):
+                continue
+        elif line.startswith(_NATIVE_NOISE):
+            continue
+        kept.append(line)
+    return kept
+
+
+@contextlib.contextmanager
+def filtered_native_stderr(min_level):
+    """Send file descriptor 2 to a temporary file in the block, then replay what is worth showing."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = native_log_lines_to_keep(capture.read().splitlines(keepends=True), min_level)
+            if kept:
+                sys.stderr.flush()
+                os.write(2, b''.join(kept))
+
+
 def quiet_tensorflow():
-    """Silence TensorFlow's start-up and checkpoint chatter unless the user asked for it."""
+    """Import TensorFlow without its CPU-only start-up chatter; call it before anything imports it.
+
+    TF_CPP_MIN_LOG_LEVEL (default 2: errors only) must be set before the import, but TensorFlow
+    2.21 still prints its early lines and, without a GPU driver, a cuInit error: those are filtered
+    out of the import and of the device probe. Real errors, and everything after, still show.
+    """
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
     from absl import logging
     logging.set_verbosity(logging.WARNING)
+    if 'tensorflow' in sys.modules:
+        return
+    try:
+        min_level = int(os.environ['TF_CPP_MIN_LOG_LEVEL'])
+    except ValueError:
+        min_level = 2
+    with filtered_native_stderr(min_level):
+        import tensorflow as tf
+        if not os.path.exists('/dev/nvidiactl'):
+            # No NVIDIA driver: the probe fails anyway; do it here, where its error is filtered.
+            # (With a driver, device set-up is left to the script, e.g. after --gpu is parsed.)
+            tf.config.list_physical_devices('GPU')
