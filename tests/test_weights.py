@@ -410,15 +410,18 @@ def write_mx_symbol(path, units, train_head=False):
 # ONNX reference graphs, run by onnxruntime.
 
 
-def make_onnx(params, units, side, style, path, eps=None):
+def make_onnx(params, units, side, style, path, eps=None, opset=13):
     """An iresnet ONNX graph from MXNet-layout params.
 
     style 'pytorch': convs with folded BN (bias), BN eps 1e-5, no normalisation in the graph.
+    style 'dynamo': as torch.onnx.export does it today: like 'pytorch', but a static batch of 1,
+    Reshape to (1, C*H*W) instead of Flatten, the final BN folded into the Gemm, and the weights in
+    an external `<name>.data` file beside the model.
     style 'mxnet': Sub 127.5 / Mul 1/128 first, Conv + BatchNormalization (eps 2e-5), and
     fc1's gamma fixed at 1 (MXNet fix_gamma). The parameters always mean BN with eps 2e-5; the
     BatchNormalization nodes' statistics are re-expressed for their own `eps`.
     """
-    eps = eps or (1e-5 if style == 'pytorch' else 2e-5)
+    eps = eps or (2e-5 if style == 'mxnet' else 1e-5)
     nodes, inits = [], []
     counter = [0]
 
@@ -468,20 +471,35 @@ def make_onnx(params, units, side, style, path, eps=None):
             y = conv_bn(y, n + '_conv2', n + '_bn3', 3, 2 if u == 1 else 1)
             short = conv_bn(x, n + '_conv1sc', n + '_sc', 1, 2) if u == 1 else x
             x = node('Add', [y, short])
-    x = node('Flatten', [bn_node(x, 'bn1')], axis=1)
-    x = node('Gemm', [x, const('fc.w', params['pre_fc1_weight']),
-                      const('fc.b', params['pre_fc1_bias'])], transB=1)
-    gamma = np.ones(512) if style == 'mxnet' else None
-    out = bn_node(x, 'fc1', gamma)
+    fc_w = params['pre_fc1_weight'].astype(np.float64)
+    fc_b = params['pre_fc1_bias'].astype(np.float64)
+    if style == 'dynamo':
+        inits.append(numpy_helper.from_array(np.array([1, fc_w.shape[1]], np.int64), 'flat'))
+        x = node('Reshape', [bn_node(x, 'bn1'), 'flat'])
+        factor = params['fc1_gamma'] / np.sqrt(params['fc1_moving_var'].astype(np.float64) + 2e-5)
+        out = node('Gemm', [x, const('fc.w', fc_w * factor[:, None]),
+                            const('fc.b', (fc_b - params['fc1_moving_mean']) * factor
+                                  + params['fc1_beta'])], transB=1)
+    else:
+        x = node('Flatten', [bn_node(x, 'bn1')], axis=1)
+        x = node('Gemm', [x, const('fc.w', fc_w), const('fc.b', fc_b)], transB=1)
+        gamma = np.ones(512) if style == 'mxnet' else None
+        out = bn_node(x, 'fc1', gamma)
     nodes.append(helper.make_node('Identity', [out], ['embedding'], name='output'))
+    # The feature-map side before the FC gives the input size (33 -> 3, 112 -> 7).
+    batch, spatial = (1, {3: SMALL, 7: 112}[side]) if style == 'dynamo' else (None, None)
     graph = helper.make_graph(
         nodes, 'iresnet', [helper.make_tensor_value_info('input', TensorProto.FLOAT,
-                                                          [None, 3, None, None])],
-        [helper.make_tensor_value_info('embedding', TensorProto.FLOAT, [None, 512])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 13)])
+                                                          [batch, 3, spatial, spatial])],
+        [helper.make_tensor_value_info('embedding', TensorProto.FLOAT, [batch, 512])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', opset)])
     model.ir_version = 8
     onnx.checker.check_model(model)
-    onnx.save(model, path)
+    if style == 'dynamo':
+        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=os.path.basename(path) + '.data', size_threshold=1024)
+    else:
+        onnx.save(model, path)
     return path
 
 

@@ -167,42 +167,48 @@ def layer_channels(units):
     return chans
 
 
-def check_canonical(canon, units, where):
-    """Shape checks of canonical parameters against the LResNet-IR with `units`."""
+def check_canonical(canon, units, where, sources=None):
+    """Shape checks of canonical parameters against the LResNet-IR with `units`.
+
+    `sources` maps our layer names to the source's node or tensor names, quoted in messages.
+    """
     chans = layer_channels(units)
     for name, kind, spec in layer_plan(units):
         item = canon.get(name)
         if item is None:
             continue  # a BN folded into its conv
+        label = f"{where}layer '{name}'"
+        if sources and name in sources:
+            label += f" (source '{sources[name]}')"
         in_ch, out_ch = chans[name]
         if kind == 'conv':
             want = (out_ch, in_ch, spec[0], spec[0])
             if tuple(item['kernel'].shape) != want:
-                raise UserError(f"{where}layer '{name}': kernel shape {item['kernel'].shape}, "
+                raise UserError(f"{label}: kernel shape {item['kernel'].shape}, "
                                 f'expected {want} (O, I, kh, kw)')
             if item.get('bias') is not None and item['bias'].shape != (out_ch,):
-                raise UserError(f"{where}layer '{name}': bias shape {item['bias'].shape}, "
+                raise UserError(f"{label}: bias shape {item['bias'].shape}, "
                                 f'expected ({out_ch},)')
         elif kind == 'bn':
             for key in ('gamma', 'beta', 'mean', 'var'):
                 value = item.get(key)
                 if value is not None and value.shape != (out_ch,):
-                    raise UserError(f"{where}layer '{name}': {key} shape {value.shape}, "
+                    raise UserError(f"{label}: {key} shape {value.shape}, "
                                     f'expected ({out_ch},)')
         elif kind == 'prelu':
             slope = np.asarray(item['slope']).reshape(-1)
             if slope.size == 1:
                 slope = np.full(out_ch, slope[0])
             if slope.shape != (out_ch,):
-                raise UserError(f"{where}layer '{name}': {slope.size} PReLU slopes, expected "
+                raise UserError(f"{label}: {slope.size} PReLU slopes, expected "
                                 f'{out_ch}')
             item['slope'] = slope
         else:
             if item['weight'].ndim != 2 or item['weight'].shape[0] != out_ch:
-                raise UserError(f"{where}layer 'pre_fc1': weight shape {item['weight'].shape}, "
+                raise UserError(f"{label}: weight shape {item['weight'].shape}, "
                                 f'expected ({out_ch}, {FILTERS[-1]} * H * W)')
             if item['bias'].shape != (out_ch,):
-                raise UserError(f"{where}layer 'pre_fc1': bias shape {item['bias'].shape}, "
+                raise UserError(f"{label}: bias shape {item['bias'].shape}, "
                                 f'expected ({out_ch},)')
 
 

@@ -6,13 +6,30 @@ import time
 from modules.weights.mxnet import mxnet_to_npy
 from modules.weights.npy import write_weight_dict
 from modules.weights.onnx import onnx_to_npy
+from modules.weights.torch_pth import pth_to_npy
+
+# The input normalisation (mean, std) each source format assumes when its graph has none.
+DEFAULT_NORM = {'onnx': (127.5, 127.5), 'pth': (127.5, 127.5), 'mxnet': (127.5, 128.0)}
+
+
+def source_format(source):
+    """'onnx', 'pth' or 'mxnet' (a checkpoint prefix or one of its files), from the name."""
+    lower = source.lower()
+    if lower.endswith('.onnx'):
+        return 'onnx'
+    if lower.endswith(('.pth', '.pt')):
+        return 'pth'
+    return 'mxnet'
 
 
 def convert_checkpoint(source, output, epoch=0, backbone=None, assume_norm=None):
-    """Convert an ONNX file or an MXNet checkpoint prefix into a weight-dict .npy at `output`."""
+    """Convert an ONNX file, a .pth state dict or an MXNet checkpoint into a weight-dict .npy."""
     start = time.perf_counter()
-    if source.lower().endswith('.onnx'):
+    kind = source_format(source)
+    if kind == 'onnx':
         weights, summary = onnx_to_npy(source, backbone, assume_norm)
+    elif kind == 'pth':
+        weights, summary = pth_to_npy(source, backbone, assume_norm)
     else:
         prefix = source
         named_epoch = re.search(r'-(\d{4})\.params$', prefix)

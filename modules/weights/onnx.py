@@ -6,6 +6,7 @@ import numpy as np
 
 from modules.utils import UserError
 from modules.weights.canonical import (
+    BN_EPS,
     FILTERS,
     META_KEY,
     affine_text,
@@ -18,6 +19,7 @@ from modules.weights.canonical import (
 )
 
 _ONNX_PASS = ('Identity', 'Dropout')
+MAX_OPSET = 18  # the newest opset whose Conv/BatchNormalization/PRelu/Gemm/Reshape are checked here
 
 
 class _OnnxGraph:
@@ -28,12 +30,14 @@ class _OnnxGraph:
         from onnx import numpy_helper
         self.path = path
         try:
-            model = onnx.load(path)
+            model = onnx.load(path, load_external_data=False)
         except FileNotFoundError:
             raise UserError(f'ONNX file not found: {path}') from None
         except Exception as err:  # noqa: BLE001 - protobuf raises several types on bad input
             raise UserError(f'{path}: not a readable ONNX model ({type(err).__name__}: '
                             f'{err})') from None
+        self.opset = _default_opset(model, path)
+        _load_external_data(model, path)
         graph = model.graph
         self.consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
         self.producer, self.consumers, nodes = {}, {}, []
@@ -95,6 +99,41 @@ class _OnnxGraph:
         return np.asarray(self.consts[name], np.float64)
 
 
+def _default_opset(model, path):
+    """The model's opset of the default ONNX domain; UserError if newer than MAX_OPSET."""
+    versions = [o.version for o in model.opset_import if o.domain in ('', 'ai.onnx')]
+    if not versions:
+        raise UserError(f'{path}: no opset of the default ONNX domain: not an ONNX model')
+    if versions[0] > MAX_OPSET:
+        raise UserError(f'{path}: opset {versions[0]} is newer than the opsets this converter '
+                        f'checks (up to {MAX_OPSET})')
+    return versions[0]
+
+
+def _load_external_data(model, path):
+    """Load initializers stored beside the model (torch's dynamo exporter: <name>.onnx.data)."""
+    import os
+
+    from onnx import external_data_helper
+    base = os.path.dirname(os.path.abspath(path))
+    external = [t for t in model.graph.initializer if external_data_helper.uses_external_data(t)]
+    for tensor in external:
+        info = external_data_helper.ExternalDataInfo(tensor)
+        where = os.path.join(base, info.location)
+        if os.path.isabs(info.location) or '..' in info.location.replace('\\', '/').split('/'):
+            raise UserError(f'{path}: initializer {tensor.name!r} points outside the model\'s '
+                            f'folder ({info.location!r})')
+        if not os.path.isfile(where):
+            raise UserError(f'{path}: initializer {tensor.name!r} is stored in {where}, which '
+                            'does not exist (keep the .onnx.data file beside the .onnx)')
+    if external:
+        try:
+            external_data_helper.load_external_data_for_model(model, base)
+        except Exception as err:  # noqa: BLE001 - onnx raises several types on bad data files
+            raise UserError(f'{path}: cannot read its external data ({type(err).__name__}: '
+                            f'{err})') from None
+
+
 def _onnx_conv(g, node, k, stride, filters, where):
     a = g.attr(node)
     weight = g.const(node, 1, 'the weight')
@@ -107,7 +146,7 @@ def _onnx_conv(g, node, k, stride, filters, where):
     if got != want or auto_pad not in (b'NOTSET', 'NOTSET'):
         raise UserError(f'{g.path}: Conv {node.name!r} ({where}): (kernel, strides, pads, group, '
                         f'dilations, filters) = {got}, expected {want}')
-    conv = {'kernel': weight, 'bias': bias}
+    conv = {'kernel': weight, 'bias': bias, 'node': node.name}
     out = node.output[0]
     bn = None
     nxt = g.follow(out)
@@ -123,12 +162,20 @@ def _onnx_bn(g, node):
         raise UserError(f'{g.path}: BatchNormalization {node.name!r} is in training mode')
     return {'gamma': g.const(node, 1, 'the scale'), 'beta': g.const(node, 2, 'the bias'),
             'mean': g.const(node, 3, 'the mean'), 'var': g.const(node, 4, 'the variance'),
-            'eps': float(a.get('epsilon', 1e-5))}
+            'eps': float(a.get('epsilon', 1e-5)), 'node': node.name}
 
 
-def _onnx_prelu(g, tensor, what):
+def _onnx_prelu(g, tensor, what, channels):
     node = g.only(tensor, ('PRelu',), what)
-    return {'slope': g.const(node, 1, 'the slope')}, node.output[0]
+    slope = g.const(node, 1, 'the slope')
+    # ONNX broadcasts the slope against (N, C, H, W) from the right: only these shapes mean
+    # "one slope per channel"; (C,) would be taken per column and onnxruntime refuses it.
+    if slope.size != 1 and slope.shape not in ((channels, 1, 1), (1, channels, 1, 1)):
+        raise UserError(f'{g.path}: PRelu {node.name!r} ({what}): slope shape '
+                        f'{tuple(slope.shape)} does not broadcast per channel over the '
+                        f'(N, {channels}, H, W) input (expected ({channels}, 1, 1)): the graph '
+                        'cannot run as an iresnet')
+    return {'slope': slope, 'node': node.name}, node.output[0]
 
 
 def _onnx_prenorm(g, tensor, assume):
@@ -166,6 +213,20 @@ def _onnx_prenorm(g, tensor, assume):
     return 1 / std, -mean / std, text, tensor
 
 
+def _check_flatten(g, node, weight):
+    """A Flatten on axis 1, or a Reshape to (batch, C*H*W) with a constant target shape."""
+    if node.op_type == 'Flatten':
+        if g.attr(node).get('axis', 1) != 1:
+            raise UserError(f'{g.path}: Flatten {node.name!r} must use axis 1')
+        return
+    target = g.const(node, 1, 'the target shape')
+    features = weight.shape[1]
+    if (target.shape != (2,) or target[1] not in (-1, features)
+            or (target[0] < 1 and target[0] not in (0, -1))):
+        raise UserError(f'{g.path}: Reshape {node.name!r} to {target.astype(int).tolist()} is not '
+                        f'a flatten to (batch, {features}) before the fully connected layer')
+
+
 def onnx_to_npy(path, backbone=None, assume_norm=None):
     """Convert an InsightFace iresnet ONNX model to a weight dict; returns (weights, summary).
 
@@ -175,6 +236,7 @@ def onnx_to_npy(path, backbone=None, assume_norm=None):
     start = time.perf_counter()
     g = _OnnxGraph(path)
     a, b, norm_text, t = _onnx_prenorm(g, g.inputs[0], assume_norm)
+    in_graph = t != g.inputs[0]
     scale = norm_scale(a, b, norm_text, f'{path}: ')
     canon, folded = {}, 0
 
@@ -189,7 +251,7 @@ def onnx_to_npy(path, backbone=None, assume_norm=None):
     conv0 = g.only(t, ('Conv',), 'the input')
     conv, bn, t = _onnx_conv(g, conv0, 3, 1, FILTERS[0], 'conv0')
     put_conv('conv0', conv, bn)
-    canon['relu0'], t = _onnx_prelu(g, t, 'conv0')
+    canon['relu0'], t = _onnx_prelu(g, t, 'conv0', FILTERS[0])
     units, stage, unit = [], 0, 0
     while True:
         nodes = g.follow(t)
@@ -217,7 +279,7 @@ def onnx_to_npy(path, backbone=None, assume_norm=None):
         node = g.only(bns[0].output[0], ('Conv',), p + '_bn1')
         conv, bn, x = _onnx_conv(g, node, 3, 1, filters, p + '_conv1')
         put_conv(p + '_conv1', conv, bn)
-        canon[p + '_relu1'], x = _onnx_prelu(g, x, p + '_conv1')
+        canon[p + '_relu1'], x = _onnx_prelu(g, x, p + '_conv1', filters)
         node = g.only(x, ('Conv',), p + '_relu1')
         conv, bn, x = _onnx_conv(g, node, 3, 2 if downsample else 1, filters, p + '_conv2')
         put_conv(p + '_conv2', conv, bn)
@@ -231,10 +293,9 @@ def onnx_to_npy(path, backbone=None, assume_norm=None):
         t = add.output[0]
     name = backbone_for_units(tuple(units), backbone, f'{path}: ')
     canon['bn1'] = _onnx_bn(g, bns[0])
-    node = g.only(bns[0].output[0], ('Flatten', 'Reshape'), 'the last BatchNormalization')
-    if node.op_type == 'Flatten' and g.attr(node).get('axis', 1) != 1:
-        raise UserError(f'{path}: Flatten {node.name!r} must use axis 1')
-    node = g.only(node.output[0], ('Gemm', 'MatMul'), node.op_type)
+    flatten = g.only(bns[0].output[0], ('Flatten', 'Reshape'), 'the last BatchNormalization')
+    node = g.only(flatten.output[0], ('Gemm', 'MatMul'), flatten.op_type)
+    fc_node = node.name
     if node.op_type == 'Gemm':
         ga = g.attr(node)
         if ga.get('transA', 0):
@@ -255,17 +316,28 @@ def onnx_to_npy(path, backbone=None, assume_norm=None):
             raise UserError(f'{path}: Add {node.name!r} after MatMul needs a constant bias')
         bias = np.asarray(g.consts[const_in[0]], np.float64).reshape(-1)
         t = node.output[0]
-    canon['pre_fc1'] = {'weight': weight, 'bias': bias}
-    node = g.only(t, ('BatchNormalization',), 'the fully connected layer')
-    canon['fc1'] = _onnx_bn(g, node)
-    tail = g.follow(node.output[0])
+    _check_flatten(g, flatten, weight)
+    canon['pre_fc1'] = {'weight': weight, 'bias': bias, 'node': fc_node}
+    tail = g.follow(t)
+    if tail and tail[0].op_type == 'BatchNormalization':
+        node = g.only(t, ('BatchNormalization',), 'the fully connected layer')
+        canon['fc1'] = _onnx_bn(g, node)
+        tail = g.follow(node.output[0])
+        what = 'the final BatchNormalization'
+    else:  # the exporter folded the features BatchNorm1d into the Gemm: fc1 is an identity
+        n = weight.shape[0]
+        canon['fc1'] = {'gamma': None, 'beta': np.zeros(n), 'mean': np.zeros(n),
+                        'var': np.full(n, 1.0 - BN_EPS), 'eps': BN_EPS}
+        what = 'the fully connected layer (its BatchNormalization folded in)'
     if tail:
-        raise UserError(f'{path}: unsupported layers after the final BatchNormalization: '
+        raise UserError(f'{path}: unsupported layers after {what}: '
                         + ', '.join(f'{n.op_type} {n.name!r}' for n in tail))
-    check_canonical(canon, tuple(units), f'{path}: ')
+    sources = {k: v.pop('node') for k, v in canon.items() if 'node' in v}
+    check_canonical(canon, tuple(units), f'{path}: ', sources)
     weights = canonical_to_npy(canon, tuple(units), scale)
     weights[META_KEY] = weight_meta('onnx', name, norm_text)
     summary = {'source': f'ONNX {path}', 'backbone': name, 'units': tuple(units),
                'layers': len(weights) - 1, 'input_norm': norm_text, 'conv0_scale': scale,
-               'folded_bn': folded, 'ignored': [], 'seconds': time.perf_counter() - start}
+               'folded_bn': folded, 'ignored': [], 'opset': g.opset,
+               'feed': None if in_graph else (a, b), 'seconds': time.perf_counter() - start}
     return weights, summary
