@@ -2,8 +2,9 @@
 
 One file per format: `npy` (the weight dict: safe reading, writing, loading into Keras), `mxnet`
 (.params + -symbol.json), `onnx` (iresnet ONNX graphs), `torch_pth` (arcface_torch .pth state
-dicts, read without PyTorch); `verify` runs a conversion beside its ONNX source; `canonical` holds the layer plan and the
-channel-first -> Keras mapping the converters share; `convert` picks the converter for a file.
+dicts, read without PyTorch). `canonical` holds the layer plan and the channel-first -> Keras
+mapping the converters share; `convert` picks the converter for a file; `verify` runs a converted
+model beside its ONNX source.
 """
 from modules.weights.canonical import (
     BN_EPS,
@@ -39,6 +40,6 @@ __all__ = [
     'BN_EPS', 'FILTERS', 'FORMAT_TAG', 'META_KEY', 'MX_DTYPES', 'ND_LIST_MAGIC', 'ND_V1_MAGIC',
     'ND_V2_MAGIC', 'ND_V3_MAGIC', 'apply_identity_output_layer', 'backbone_for_units',
     'canonical_to_npy', 'convert_checkpoint', 'format_summary', 'layer_plan', 'load_npy_weights',
-    'mxnet_to_npy', 'onnx_to_npy', 'pth_to_npy', 'read_mxnet_params', 'read_state_dict', 'read_weight_dict', 'save_npy_weights',
-    'supported_units', 'write_weight_dict',
+    'mxnet_to_npy', 'onnx_to_npy', 'pth_to_npy', 'read_mxnet_params', 'read_state_dict',
+    'read_weight_dict', 'save_npy_weights', 'supported_units', 'write_weight_dict',
 ]
