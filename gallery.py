@@ -1,0 +1,144 @@
+"""Protected-template gallery: init, enroll, enroll_dir, verify, identify, revoke, rekey, list.
+
+    gallery.py init --cfg_path CFG --db gallery.sqlite
+    gallery.py enroll --db gallery.sqlite --name NAME --image PHOTO
+    gallery.py verify --db gallery.sqlite --name NAME --image PHOTO     (exit 0 match, 1 no match)
+    gallery.py identify --db gallery.sqlite --image PHOTO [--top_k 5]  (exit 0 match, 1 no match)
+    gallery.py enroll_dir | revoke | rekey | list ...
+Errors exit with status 2 and one line on stderr.
+"""
+import datetime
+import sys
+
+from absl import app, flags
+
+from modules.align import ALIGN_MODES
+from modules.utils import STAGE2_REQUIRED, UserError, cli_guard, load_config, quiet_tensorflow
+
+COMMANDS = ('init', 'enroll', 'enroll_dir', 'verify', 'identify', 'revoke', 'rekey', 'list')
+flags.DEFINE_string('db', None, 'gallery database file (its key file is <db>.key)')
+flags.DEFINE_string('cfg_path', None, 'init: stage-2 config of the hashing model (later commands '
+                    'use the one recorded in the database unless given)')
+flags.DEFINE_string('name', None, 'subject name (enroll, verify, revoke)')
+flags.DEFINE_string('image', None, 'face photo: a 112x112 aligned crop or a photograph (aligned '
+                    'with modules.align, see --align)')
+flags.DEFINE_string('input_dir', None, 'enroll_dir: one sub-folder of photos per subject')
+flags.DEFINE_integer('top_k', 5, 'identify: number of closest templates to print', lower_bound=1)
+flags.DEFINE_float('threshold', None, 'accept when the Hamming distance is <= this (default: the '
+                   "EER threshold of the model's latest test_twostage_iom.py results)")
+flags.DEFINE_float('far', None, 'use the threshold that gave this false-accept rate on the last '
+                   'evaluation instead of the EER threshold')
+flags.DEFINE_enum('align', 'auto', ALIGN_MODES, 'detect and align faces: auto = only photos that '
+                  'are not already input_size square, always, never')
+flags.DEFINE_bool('progress', True, 'enroll_dir: show a progress bar')
+FLAGS = flags.FLAGS
+
+
+def _require(command, *names):
+    missing = [f'--{n}' for n in names if getattr(FLAGS, n) is None]
+    if missing:
+        raise UserError(f"{command} needs {', '.join(missing)}")
+
+
+def _when(ts):
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime('%Y-%m-%d %H:%M:%S UTC')
+
+
+def _open_with_model(gallery_cls):
+    """Open the gallery and the hashing model under its key; refuse a different model."""
+    from modules.gallery import Hasher
+    gallery = gallery_cls.open(FLAGS.db)
+    cfg = load_config(FLAGS.cfg_path or gallery.meta['cfg_path'], STAGE2_REQUIRED)
+    quiet_tensorflow()
+    hasher = Hasher(cfg, gallery.key)
+    gallery.check_model(hasher.fingerprint, cfg['m'], cfg['q'])
+    return gallery, hasher, cfg
+
+
+def _threshold(cfg):
+    from modules.gallery import decision_threshold
+    return decision_threshold(cfg, FLAGS.threshold, FLAGS.far)
+
+
+@cli_guard
+def main(argv):
+    """Dispatch the sub-command."""
+    from modules.gallery import Gallery, Hasher, enroll_folders, identity_folders
+    if len(argv) != 2 or argv[1] not in COMMANDS:
+        raise UserError(f"give one sub-command: {', '.join(COMMANDS)} (got {' '.join(argv[1:])!r})")
+    command = argv[1]
+    _require(command, 'db')
+    if command == 'init':
+        _require(command, 'cfg_path')
+        cfg = load_config(FLAGS.cfg_path, STAGE2_REQUIRED)
+        quiet_tensorflow()
+        # The fingerprint does not depend on the key (PermLayer has no weights).
+        hasher = Hasher(cfg, key=None)
+        gallery = Gallery.create(FLAGS.db, FLAGS.cfg_path, cfg['m'], cfg['q'], hasher.fingerprint)
+        print(f"[*] created {FLAGS.db} (m={cfg['m']}, q={cfg['q']}, model "
+              f"{hasher.fingerprint[:16]}) and key file {FLAGS.db}.key (mode 0600, key id "
+              f"{gallery.meta['key_id']})")
+    elif command in ('enroll', 'verify'):
+        _require(command, 'name', 'image')
+        gallery, hasher, cfg = _open_with_model(Gallery)
+        if command == 'verify':
+            threshold, source = _threshold(cfg)
+            code = hasher.photo_codes([FLAGS.image], FLAGS.align)
+            distance = gallery.verify(FLAGS.name, code)
+            match = distance <= threshold
+            print(f"{FLAGS.name}: distance {distance} / {gallery.m}, threshold {threshold:g} "
+                  f"({source}): {'MATCH' if match else 'NO MATCH'}")
+            sys.exit(0 if match else 1)
+        added = gallery.enroll(FLAGS.name, hasher.photo_codes([FLAGS.image], FLAGS.align),
+                               [FLAGS.image])
+        print(f'[*] enrolled {FLAGS.name} ({added} template, {gallery.count()} in the gallery)')
+    elif command == 'enroll_dir':
+        _require(command, 'input_dir')
+        folders = identity_folders(FLAGS.input_dir)
+        gallery, hasher, cfg = _open_with_model(Gallery)
+        from modules.align import load_face
+        summary = enroll_folders(gallery, folders, hasher.codes,
+                                 lambda p: load_face(p, cfg['input_size'], FLAGS.align),
+                                 progress=FLAGS.progress)
+        print(f"[*] {len(folders)} subjects: {summary['enrolled']} enrolled "
+              f"({summary['templates']} templates), {summary['skipped']} already enrolled, "
+              f"{len(summary['empty'])} without a usable photo; {len(summary['failed'])} photos "
+              'failed')
+        for path, reason in summary['failed']:
+            print(f'    failed: {path}: {reason}')
+        for name in summary['empty']:
+            print(f'    not enrolled: {name} (no usable photo)')
+    elif command == 'identify':
+        _require(command, 'image')
+        gallery, hasher, cfg = _open_with_model(Gallery)
+        threshold, source = _threshold(cfg)
+        found = gallery.identify(hasher.photo_codes([FLAGS.image], FLAGS.align), FLAGS.top_k)
+        print(f'threshold {threshold:g} ({source}); {gallery.count()} templates')
+        for rank, (name, distance, _) in enumerate(found, 1):
+            mark = 'MATCH' if distance <= threshold else ''
+            print(f'{rank:3d}. {name:30s} distance {distance:4d} / {gallery.m} {mark}')
+        sys.exit(0 if found[0][1] <= threshold else 1)
+    elif command == 'revoke':
+        _require(command, 'name')
+        deleted = Gallery.open(FLAGS.db).revoke(FLAGS.name)
+        print(f'[*] revoked {FLAGS.name}: {deleted} template(s) deleted')
+    elif command == 'rekey':
+        gallery = Gallery.open(FLAGS.db)
+        old = gallery.meta['key_id']
+        deleted = gallery.rekey()
+        print(f"[*] new key {gallery.meta['key_id']} (was {old}) in {FLAGS.db}.key; {deleted} "
+              'template(s) deleted: every subject must enrol again')
+    else:
+        gallery = Gallery.open(FLAGS.db)
+        print(f"{FLAGS.db}: m={gallery.m} q={gallery.q}, key id {gallery.meta['key_id']}, model "
+              f"{gallery.meta['model_fp'][:16]}, {gallery.count()} templates")
+        for name, count, first, last in gallery.subjects():
+            print(f'  {name:30s} {count:3d} template(s), enrolled {_when(first)}'
+                  + (f', last {_when(last)}' if last != first else ''))
+        print('audit:')
+        for ts, event, name, detail in gallery.audit()[-20:]:
+            print(f"  {_when(ts)} {event:7s} {name or '-':20s} {detail}")
+
+
+if __name__ == '__main__':
+    app.run(main)

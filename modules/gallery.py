@@ -1,0 +1,535 @@
+"""Protected-template gallery: enrol, verify, identify, revoke and re-key IoM hash codes in SQLite.
+
+The database never holds an image or a float embedding: per template only the subject name, the m
+IoM indices (one uint8 each, `modules.search.pack_codes`), the id of the application key that
+produced them (a hash, never the key), the model fingerprint and timestamps, plus an audit table.
+
+The application key lives in a file beside the database (`<db>.key`, mode 0600) and is the
+permutation key of the IoM model's PermLayer: the same photo hashed under another key gives an
+unrelated code, so `rekey` (new key, every stored code deleted) revokes a leaked database.
+
+Storage (this part needs no TensorFlow): WAL journal, every change in one `BEGIN IMMEDIATE`
+transaction, so concurrent writers queue on SQLite's lock and a killed process leaves either a
+whole enrolment or none. A `generation` counter in the meta table changes with every write; the
+in-memory code matrix used by `identify` is rebuilt only when it has moved.
+"""
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import sqlite3
+import stat
+import time
+
+import numpy as np
+
+from modules.search import pack_codes, search
+from modules.utils import UserError, log_dir
+
+FORMAT = 'iomface-gallery-1'
+KEY_SUFFIX = '.key'
+PENDING_SUFFIX = '.new'
+_KEY_BITS = 128
+_BUSY_TIMEOUT_S = 120.0
+_MAX_NAME = 200
+RESULTS_NAME = 'iom_Hamming_results.json'
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE templates (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    codes BLOB NOT NULL,
+    key_id TEXT NOT NULL,
+    model_fp TEXT NOT NULL,
+    source TEXT NOT NULL,
+    created REAL NOT NULL);
+CREATE INDEX templates_name ON templates (name);
+CREATE TABLE audit (
+    id INTEGER PRIMARY KEY,
+    time REAL NOT NULL,
+    event TEXT NOT NULL CHECK (event IN ('init', 'enroll', 'revoke', 'rekey')),
+    name TEXT,
+    detail TEXT NOT NULL);
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# Application key file.
+def key_path(db_path):
+    """The key file of a gallery database: `<db>.key`."""
+    return db_path + KEY_SUFFIX
+
+
+def new_key():
+    """A fresh random application key (a 128-bit non-negative integer, the PermLayer seed)."""
+    return secrets.randbits(_KEY_BITS)
+
+
+def key_id(key):
+    """Public id of a key: the first 16 hex digits of its SHA-256 (the key cannot be recovered)."""
+    return hashlib.sha256(f'iomface-key:{key:x}'.encode()).hexdigest()[:16]
+
+
+def write_key(path, key):
+    """Write a key file with mode 0600 from the start (never world-readable, not even briefly)."""
+    tmp = f'{path}.{secrets.token_hex(4)}.tmp'
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, 'w') as fh:
+            fh.write(f'{key:x}\n')
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def read_key(path):
+    """Read a key file; UserError when it is missing, readable by group/others, or malformed."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise UserError(f'{path}: key file not found (it is created by `gallery.py init` beside '
+                        'the database)') from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise UserError(f'{path}: key file is accessible by other users (mode '
+                        f'{stat.S_IMODE(mode):04o}); run `chmod 600 {path}`')
+    with open(path, encoding='ascii', errors='replace') as fh:
+        text = fh.read().strip()
+    try:
+        key = int(text, 16)
+    except ValueError:
+        raise UserError(f'{path}: not a gallery key file (expected one hexadecimal number)') from None
+    if key < 0:
+        raise UserError(f'{path}: not a gallery key file (negative key)')
+    return key
+
+
+# ---------------------------------------------------------------------------------------------
+# Decision threshold from the model's last evaluation.
+def decision_threshold(cfg, threshold=None, far=None):
+    """(threshold, where it came from): accept a probe when its Hamming distance is <= threshold.
+
+    An explicit `threshold` wins; else the EER threshold (or, with `far`, the largest threshold
+    whose false-accept rate was <= far) of the latest test_twostage_iom.py results of the model,
+    on LFW when it was evaluated, else on the first set in the file.
+    """
+    if threshold is not None:
+        if threshold < 0:
+            raise UserError(f'--threshold must not be negative, got {threshold}')
+        return float(threshold), 'given with --threshold'
+    path = os.path.join(log_dir(cfg), RESULTS_NAME)
+    if not os.path.isfile(path):
+        raise UserError(f'{path} not found: run test_twostage_iom.py --cfg_path <cfg> --measure '
+                        'Hamming first, or pass --threshold')
+    try:
+        with open(path, encoding='utf-8') as fh:
+            results = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f'{path}: not a results JSON ({err})') from None
+    sets = sorted(name for name, r in results.items() if isinstance(r, dict) and 'eer' in r)
+    if not sets:
+        raise UserError(f'{path}: holds no verification results')
+    name = 'lfw' if 'lfw' in sets else sets[0]
+    res = results[name]
+    if 'eer_threshold' not in res or 'roc_far' not in res:
+        raise UserError(f'{path}: written by an older test_twostage_iom.py without the EER '
+                        'threshold; run it again or pass --threshold')
+    if far is None:
+        return float(res['eer_threshold']), (f"EER threshold on {name} (EER {res['eer']:.4f}), "
+                                             f'{path}')
+    if not 0 < far < 1:
+        raise UserError(f'--far must lie in (0, 1), got {far}')
+    roc_far = np.asarray(res['roc_far'], np.float64)
+    allowed = np.flatnonzero(roc_far <= far)
+    if allowed.size == 0:
+        raise UserError(f'{path}: no threshold on {name} reaches FAR <= {far} (lowest FAR '
+                        f'{roc_far.min():.2e}); pass --threshold')
+    return (float(res['roc_thresholds'][allowed[-1]]),
+            f'FAR <= {far:g} on {name} (measured FAR {roc_far[allowed[-1]]:.2e}), {path}')
+
+
+# ---------------------------------------------------------------------------------------------
+# The database.
+@contextlib.contextmanager
+def _db_errors(db_path):
+    """Turn SQLite failures into one UserError naming the database file."""
+    try:
+        yield
+    except sqlite3.DatabaseError as err:
+        raise UserError(f'{db_path}: not a usable gallery database ({err}); restore it from a '
+                        'backup or start again with `gallery.py init`') from None
+
+
+def _connect(db_path):
+    conn = sqlite3.connect(db_path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+    # WAL mode is set once by `create` (it persists in the file). With WAL, synchronous=NORMAL
+    # keeps every committed transaction through a process crash (SIGKILL); only a power cut may
+    # lose the last ones, never consistency.
+    conn.execute('PRAGMA synchronous=NORMAL')
+    return conn
+
+
+def check_name(name):
+    """A subject name: 1-200 printable characters."""
+    if not isinstance(name, str) or not name.strip():
+        raise UserError('a subject name must not be empty')
+    if len(name) > _MAX_NAME or not name.isprintable():
+        raise UserError(f'subject name {name[:40]!r}: at most {_MAX_NAME} printable characters')
+    return name
+
+
+class Gallery:
+    """An open gallery database with its application key; see the module docstring."""
+
+    def __init__(self, db_path, conn, meta, key):
+        self.db_path = db_path
+        self.conn = conn
+        self.meta = meta
+        self.key = key
+        self.m = int(meta['m'])
+        self.q = int(meta['q'])
+        self._cache = None
+
+    # -- opening ------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, db_path, cfg_path, m, q, model_fp):
+        """A new database and key file; refused when either already exists."""
+        kpath = key_path(db_path)
+        for path in (db_path, kpath):
+            if os.path.lexists(path):
+                raise UserError(f'{path} already exists: a gallery is initialised only once '
+                                '(use `rekey` to change the key)')
+        os.makedirs(os.path.dirname(os.path.abspath(db_path)), exist_ok=True)
+        key = new_key()
+        meta = {'format': FORMAT, 'cfg_path': os.path.abspath(cfg_path), 'm': str(int(m)),
+                'q': str(int(q)), 'model_fp': model_fp, 'key_id': key_id(key),
+                'created': f'{time.time():.3f}', 'generation': '0'}
+        tmp = f'{db_path}.{secrets.token_hex(4)}.init'
+        try:
+            with _db_errors(tmp), contextlib.closing(sqlite3.connect(tmp)) as conn:
+                conn.execute('PRAGMA journal_mode=WAL')
+                conn.executescript(_SCHEMA)
+                conn.executemany('INSERT INTO meta VALUES (?, ?)', sorted(meta.items()))
+                conn.execute('INSERT INTO audit (time, event, name, detail) VALUES (?, ?, ?, ?)',
+                             (time.time(), 'init', None, f"key {meta['key_id']}, model "
+                              f'{model_fp[:16]}, m={m}, q={q}'))
+                conn.commit()
+            write_key(kpath, key)
+            os.rename(tmp, db_path)  # the database appears only once complete, with its key
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+            raise
+        return cls.open(db_path)
+
+    @classmethod
+    def open(cls, db_path):
+        """Open an existing database and check its key file; one UserError for anything wrong."""
+        if not os.path.isfile(db_path):
+            raise UserError(f'{db_path}: gallery database not found (create it with '
+                            '`gallery.py init`)')
+        with _db_errors(db_path):
+            conn = _connect(db_path)
+            try:
+                tables = {r[0] for r in conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table'")}
+                if not {'meta', 'templates', 'audit'} <= tables:
+                    raise UserError(f'{db_path}: not a gallery database (tables missing)')
+                meta = dict(conn.execute('SELECT key, value FROM meta'))
+            except BaseException:
+                conn.close()
+                raise
+        if meta.get('format') != FORMAT:
+            conn.close()
+            raise UserError(f"{db_path}: unknown gallery format {meta.get('format')!r} "
+                            f'(expected {FORMAT})')
+        key = cls._matching_key(db_path, meta['key_id'])
+        return cls(db_path, conn, meta, key)
+
+    @staticmethod
+    def _matching_key(db_path, expected_id):
+        kpath = key_path(db_path)
+        pending = kpath + PENDING_SUFFIX
+        key = read_key(kpath)
+        if key_id(key) == expected_id:
+            return key
+        # A rekey writes the new key to <key>.new, commits the database, then renames the file:
+        # finish a rekey that was interrupted between the last two steps.
+        if os.path.isfile(pending):
+            new = read_key(pending)
+            if key_id(new) == expected_id:
+                os.replace(pending, kpath)
+                return new
+        raise UserError(f'{kpath}: key id {key_id(key)} is not the key of {db_path} (key id '
+                        f'{expected_id}); use the key file made with this database')
+
+    def close(self):
+        """Close the connection."""
+        self.conn.close()
+
+    @contextlib.contextmanager
+    def _write(self):
+        """One write transaction that also moves the generation counter."""
+        with _db_errors(self.db_path):
+            self.conn.execute('BEGIN IMMEDIATE')
+            try:
+                yield self.conn
+                self.conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 "
+                                  "WHERE key = 'generation'")
+                self.conn.execute('COMMIT')
+            except BaseException:
+                self.conn.execute('ROLLBACK')
+                raise
+
+    def _read(self, sql, args=()):
+        with _db_errors(self.db_path):
+            return self.conn.execute(sql, args).fetchall()
+
+    # -- checks -------------------------------------------------------------------------------
+    def check_model(self, model_fp, m, q):
+        """Refuse a hashing model other than the one the gallery was made with."""
+        if (int(m), int(q)) != (self.m, self.q):
+            raise UserError(f'{self.db_path}: made for codes m={self.m} q={self.q}, the model '
+                            f'gives m={m} q={q}')
+        if model_fp != self.meta['model_fp']:
+            raise UserError(f"{self.db_path}: made by another model (fingerprint "
+                            f"{self.meta['model_fp'][:16]}, this model {model_fp[:16]}); use the "
+                            "config and checkpoints it was initialised with")
+
+    # -- writing ------------------------------------------------------------------------------
+    def _rows(self, names, codes, sources, now):
+        packed = pack_codes(codes, self.q, 'codes')
+        if packed.shape[1] != self.m:
+            raise UserError(f'codes have length {packed.shape[1]}, the gallery holds m={self.m}')
+        kid, fp = self.meta['key_id'], self.meta['model_fp']
+        return [(name, row.tobytes(), kid, fp, src, now)
+                for name, row, src in zip(names, packed, sources)]
+
+    def enroll(self, name, codes, sources, only_new=False):
+        """Add the templates (rows of `codes`) of one subject in one transaction.
+
+        With only_new, nothing is written when the subject is already enrolled (checked inside
+        the transaction, so concurrent enrolments of one subject add it once). Returns the
+        number of templates added.
+        """
+        check_name(name)
+        codes = np.atleast_2d(codes)
+        if len(codes) != len(sources) or not len(codes):
+            raise UserError(f'{name}: need one source per code and at least one code')
+        now = time.time()
+        rows = self._rows([name] * len(codes), codes, sources, now)
+        with self._write() as conn:
+            if only_new and conn.execute('SELECT 1 FROM templates WHERE name = ? LIMIT 1',
+                                         (name,)).fetchone():
+                return 0
+            conn.executemany('INSERT INTO templates (name, codes, key_id, model_fp, source, '
+                             'created) VALUES (?, ?, ?, ?, ?, ?)', rows)
+            conn.execute('INSERT INTO audit (time, event, name, detail) VALUES (?, ?, ?, ?)',
+                         (now, 'enroll', name, f'{len(rows)} template(s) from '
+                          + ', '.join(sorted(set(sources)))[:500]))
+        return len(rows)
+
+    def enroll_bulk(self, names, codes, source='bulk'):
+        """Add one template per row of `codes` for `names` (one subject each) in one transaction:
+        the fast path for large imports. Returns the number added."""
+        codes = np.asarray(codes)
+        if len(names) != len(codes):
+            raise UserError(f'{len(names)} names for {len(codes)} codes')
+        for name in set(names):
+            check_name(name)
+        now = time.time()
+        rows = self._rows(names, codes, [source] * len(names), now)
+        with self._write() as conn:
+            conn.executemany('INSERT INTO templates (name, codes, key_id, model_fp, source, '
+                             'created) VALUES (?, ?, ?, ?, ?, ?)', rows)
+            conn.executemany('INSERT INTO audit (time, event, name, detail) VALUES (?, ?, ?, ?)',
+                             ((now, 'enroll', name, f'1 template from {source}') for name in names))
+        return len(rows)
+
+    def revoke(self, name):
+        """Delete every template of a subject; UserError for an unknown name."""
+        with self._write() as conn:
+            deleted = conn.execute('DELETE FROM templates WHERE name = ?', (name,)).rowcount
+            if not deleted:
+                raise UserError(f'{name!r} is not enrolled in {self.db_path}')
+            conn.execute('INSERT INTO audit (time, event, name, detail) VALUES (?, ?, ?, ?)',
+                         (time.time(), 'revoke', name, f'{deleted} template(s) deleted'))
+        return deleted
+
+    def rekey(self):
+        """New application key: every stored template is deleted (subjects must re-enrol)."""
+        new = new_key()
+        kpath = key_path(self.db_path)
+        pending = kpath + PENDING_SUFFIX
+        write_key(pending, new)
+        old_id, new_id = self.meta['key_id'], key_id(new)
+        with self._write() as conn:
+            deleted = conn.execute('DELETE FROM templates').rowcount
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'key_id'", (new_id,))
+            conn.execute('INSERT INTO audit (time, event, name, detail) VALUES (?, ?, ?, ?)',
+                         (time.time(), 'rekey', None,
+                          f'key {old_id} -> {new_id}, {deleted} template(s) deleted'))
+        os.replace(pending, kpath)
+        self.meta['key_id'], self.key = new_id, new
+        return deleted
+
+    # -- reading ------------------------------------------------------------------------------
+    def subjects(self):
+        """[(name, templates, first enrolled, last enrolled)] sorted by name."""
+        return self._read('SELECT name, COUNT(*), MIN(created), MAX(created) FROM templates '
+                          'GROUP BY name ORDER BY name')
+
+    def enrolled_names(self):
+        """The set of enrolled subject names."""
+        return {r[0] for r in self._read('SELECT DISTINCT name FROM templates')}
+
+    def audit(self):
+        """[(time, event, name, detail)] in order."""
+        return self._read('SELECT time, event, name, detail FROM audit ORDER BY id')
+
+    def count(self):
+        """Number of stored templates."""
+        return self._read('SELECT COUNT(*) FROM templates')[0][0]
+
+    def templates_of(self, name):
+        """uint8 codes (n, m) of one subject; UserError for an unknown name."""
+        rows = self._read('SELECT codes FROM templates WHERE name = ? ORDER BY id', (name,))
+        if not rows:
+            raise UserError(f'{name!r} is not enrolled in {self.db_path}')
+        return self._decode(b''.join(r[0] for r in rows))
+
+    def _decode(self, blob):
+        if len(blob) % self.m:
+            raise UserError(f'{self.db_path}: a stored code does not have m={self.m} bytes '
+                            '(damaged database)')
+        return np.frombuffer(blob, np.uint8).reshape(-1, self.m)
+
+    def code_matrix(self):
+        """(template ids, uint8 codes (N, m)) of the whole gallery, cached until the DB changes."""
+        generation = self._read("SELECT value FROM meta WHERE key = 'generation'")[0][0]
+        if self._cache is None or self._cache[0] != generation:
+            with _db_errors(self.db_path):
+                # One read transaction: ids and codes are from the same snapshot.
+                self.conn.execute('BEGIN')
+                try:
+                    generation = self.conn.execute(
+                        "SELECT value FROM meta WHERE key = 'generation'").fetchone()[0]
+                    rows = self.conn.execute('SELECT id, codes FROM templates ORDER BY id')
+                    ids, blobs = [], []
+                    for tid, blob in rows:
+                        ids.append(tid)
+                        blobs.append(blob)
+                finally:
+                    self.conn.execute('COMMIT')
+            self._cache = (generation, np.asarray(ids, np.int64), self._decode(b''.join(blobs)))
+        return self._cache[1], self._cache[2]
+
+    def verify(self, name, code):
+        """Smallest Hamming distance between `code` and the subject's templates."""
+        probe = pack_codes(np.atleast_2d(code), self.q, 'probe code')
+        return int(np.min(np.count_nonzero(self.templates_of(name) != probe, axis=1)))
+
+    def identify(self, code, top_k=5):
+        """[(name, distance, template id)] of the top_k closest templates, best first."""
+        ids, codes = self.code_matrix()
+        if not len(ids):
+            raise UserError(f'{self.db_path}: no one is enrolled')
+        probe = pack_codes(np.atleast_2d(code), self.q, 'probe code')
+        index, score = search(codes, probe, min(int(top_k), len(ids)))
+        found = ids[index[0]].tolist()
+        marks = ','.join('?' * len(found))
+        names = dict(self._read(f'SELECT id, name FROM templates WHERE id IN ({marks})', found))
+        return [(names[t], self.m - int(s), t) for t, s in zip(found, score[0])]
+
+
+# ---------------------------------------------------------------------------------------------
+# Hashing photos (TensorFlow from here on).
+def model_fingerprint(model, m, q):
+    """SHA-256 over every weight of the hashing model (in model order) and m, q."""
+    digest = hashlib.sha256(f'iomface m={int(m)} q={int(q)}'.encode())
+    for weight in model.weights:
+        value = np.ascontiguousarray(weight.numpy())
+        digest.update(f'{value.dtype.str}{value.shape}'.encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+class Hasher:
+    """The IoM model of a config under an application key: photos -> uint8 codes."""
+
+    def __init__(self, cfg, key):
+        from modules.models import load_iom_model
+        self.cfg = cfg
+        self.model = load_iom_model(cfg, perm_key=key, verbose=False)
+        if not self.model.loaded_from['iom']:
+            raise UserError(f"no stage-2 checkpoint in checkpoints/{cfg['sub_name']}/: train the "
+                            'model first (a gallery of a random projection is useless)')
+        self.fingerprint = model_fingerprint(self.model, cfg['m'], cfg['q'])
+
+    def codes(self, faces):
+        """uint8 codes (N, m) of aligned uint8 faces (N, size, size, 3)."""
+        faces = np.asarray(faces)
+        batch = self.cfg['eval_batch_size']
+        out = [self.model(faces[i:i + batch].astype(np.float32) / 255.0, training=False).numpy()
+               for i in range(0, len(faces), batch)]
+        return pack_codes(np.concatenate(out), self.cfg['q'], 'model output')
+
+    def photo_codes(self, paths, align='auto'):
+        """uint8 codes of photo files (aligned with modules.align when not already crops)."""
+        from modules.align import load_face
+        size = self.cfg['input_size']
+        return self.codes(np.stack([load_face(p, size, align) for p in paths]))
+
+
+def identity_folders(input_dir):
+    """[(name, [image paths])] of the sub-folders of `input_dir` (one subject each), sorted."""
+    from modules.align import IMAGE_EXTENSIONS
+    if not os.path.isdir(input_dir):
+        raise UserError(f'{input_dir}: not a directory')
+    folders = []
+    for name in sorted(os.listdir(input_dir)):
+        path = os.path.join(input_dir, name)
+        if os.path.isdir(path) and not name.startswith('.'):
+            files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                           if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith('.'))
+            folders.append((name, files))
+    if not folders:
+        raise UserError(f'{input_dir}: no identity folders (expected <input_dir>/<name>/<photo>)')
+    return folders
+
+
+def enroll_folders(gallery, folders, faces_to_codes, load, progress=True):
+    """Enrol each (name, paths) not yet in the gallery; a subject is one transaction, so a killed
+    run resumes where it stopped. `load(path)` gives an aligned face, `faces_to_codes` their codes.
+    Returns a summary dict: enrolled, templates, skipped, failed [(path, reason)], empty [names]."""
+    from tqdm import tqdm
+
+    from modules.align import FaceError
+    summary = {'enrolled': 0, 'templates': 0, 'skipped': 0, 'failed': [], 'empty': []}
+    done = gallery.enrolled_names()
+    for name, paths in tqdm(folders, desc='enrol', unit='subject', disable=not progress):
+        if name in done:
+            summary['skipped'] += 1
+            continue
+        faces, used = [], []
+        for path in paths:
+            try:
+                faces.append(load(path))
+                used.append(path)
+            except FaceError as err:
+                summary['failed'].append((path, err.reason))
+            except UserError as err:
+                summary['failed'].append((path, str(err)))
+        if not faces:
+            summary['empty'].append(name)
+            continue
+        added = gallery.enroll(name, faces_to_codes(np.stack(faces)), used, only_new=True)
+        summary['enrolled'] += bool(added)
+        summary['skipped'] += not added
+        summary['templates'] += added
+    return summary

@@ -1,0 +1,257 @@
+"""Gallery: storage rules, reliability (concurrent writers, SIGKILL, corruption), revocability, CLI."""
+import os
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from modules.gallery import Gallery, decision_threshold, key_path, read_key
+from modules.utils import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='-1')
+M, Q = 32, 8
+
+
+def new_gallery(tmp_path, name='g.sqlite'):
+    return Gallery.create(str(tmp_path / name), 'tiny.yaml', M, Q, 'f' * 64)
+
+
+def float_run_length(data, low=1e-6, high=1e6):
+    """Longest run of consecutive plausible float32 values (finite, low <= |x| <= high) at any
+    4-byte alignment of `data`: an embedding stored as float32 shows up as a long run."""
+    longest = 0
+    for offset in range(4):
+        usable = (len(data) - offset) // 4 * 4
+        values = np.frombuffer(data[offset:offset + usable], '<f4')
+        with np.errstate(invalid='ignore', over='ignore'):
+            ok = np.isfinite(values) & (np.abs(values) >= low) & (np.abs(values) <= high)
+        # Run lengths of True: position minus the position of the last False before it.
+        idx = np.arange(ok.size)
+        last_false = np.maximum.accumulate(np.where(~ok, idx, -1))
+        runs = np.where(ok, idx - last_false, 0)
+        longest = max(longest, int(runs.max(initial=0)))
+    return longest
+
+
+def gallery_bytes(db):
+    return b''.join(open(p, 'rb').read() for p in (db, db + '-wal') if os.path.exists(p))
+
+
+def test_storage_rules_key_file_and_refusals(tmp_path):
+    gallery = new_gallery(tmp_path)
+    db = gallery.db_path
+    assert stat.S_IMODE(os.stat(key_path(db)).st_mode) == 0o600
+    codes = np.random.default_rng(0).integers(0, Q, (3, M))
+    assert gallery.enroll('alice', codes[:2], ['a1.jpg', 'a2.jpg']) == 2
+    assert gallery.enroll('alice', codes[2:], ['a3.jpg'], only_new=True) == 0
+    assert gallery.enroll('bob', codes[2:], ['b1.jpg']) == 1
+    assert gallery.verify('alice', codes[1]) == 0
+    assert gallery.identify(codes[2], top_k=2)[0][:2] == ('bob', 0)
+    with pytest.raises(UserError, match='already exists'):
+        new_gallery(tmp_path)
+    with pytest.raises(UserError, match="'carol' is not enrolled"):
+        gallery.verify('carol', codes[0])
+    with pytest.raises(UserError, match='values in'):
+        gallery.enroll('dave', np.full((1, M), Q), ['d.jpg'])
+    with pytest.raises(UserError, match='another model'):
+        gallery.check_model('0' * 64, M, Q)
+    # The key never enters the database; a world-readable, missing or foreign key is refused.
+    key = read_key(key_path(db))
+    assert f'{key:x}'.encode() not in gallery_bytes(db)
+    os.chmod(key_path(db), 0o644)
+    with pytest.raises(UserError, match='accessible by other users'):
+        Gallery.open(db)
+    os.chmod(key_path(db), 0o600)
+    other = new_gallery(tmp_path, 'other.sqlite')
+    os.replace(key_path(other.db_path), key_path(db))
+    with pytest.raises(UserError, match='is not the key of'):
+        Gallery.open(db)
+    with pytest.raises(UserError, match='key file not found'):
+        Gallery.open(other.db_path)
+    events = [row[1] for row in gallery.audit()]
+    assert events == ['init', 'enroll', 'enroll']
+
+
+def test_rekey_deletes_every_code_and_survives_a_crash_before_the_rename(tmp_path):
+    gallery = new_gallery(tmp_path)
+    gallery.enroll('alice', np.zeros((2, M), np.uint8), ['a', 'b'])
+    old_id = gallery.meta['key_id']
+    assert gallery.rekey() == 2 and gallery.count() == 0 and gallery.meta['key_id'] != old_id
+    assert Gallery.open(gallery.db_path).meta['key_id'] == gallery.meta['key_id']
+    assert [row[1] for row in gallery.audit()][-1] == 'rekey'
+    # Simulate a crash after the database commit but before <key>.new replaced <key>.
+    kpath = key_path(gallery.db_path)
+    os.replace(kpath, kpath + '.new')
+    with open(kpath, 'w') as fh:
+        fh.write('1234\n')
+    os.chmod(kpath, 0o600)
+    reopened = Gallery.open(gallery.db_path)
+    assert reopened.key == gallery.key and not os.path.exists(kpath + '.new')
+
+
+_WRITER = """
+import sys
+import numpy as np
+from modules.gallery import Gallery
+db, worker = sys.argv[1], int(sys.argv[2])
+gallery = Gallery.open(db)
+for i in range(40):
+    name = f'w{worker}_s{i:02d}'
+    gallery.enroll(name, np.random.default_rng([worker, i]).integers(0, 8, (2, 32)),
+                   [name + '_a', name + '_b'])
+"""
+
+
+def test_four_processes_enrolling_at_once_lose_nothing(tmp_path):
+    gallery = new_gallery(tmp_path)
+    procs = [subprocess.Popen([sys.executable, '-c', _WRITER, gallery.db_path, str(w)], env=ENV,
+                              stderr=subprocess.PIPE, text=True) for w in range(4)]
+    for proc in procs:
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    assert gallery.count() == 4 * 40 * 2
+    for w in range(4):
+        for i in range(40):
+            expected = np.random.default_rng([w, i]).integers(0, 8, (2, 32))
+            np.testing.assert_array_equal(gallery.templates_of(f'w{w}_s{i:02d}'), expected)
+    assert sum(row[1] == 'enroll' for row in gallery.audit()) == 160
+
+
+_BULK = """
+import sys, time
+import numpy as np
+from modules.gallery import Gallery, enroll_folders
+gallery = Gallery.open(sys.argv[1])
+folders = [(f's{i:03d}', [f's{i:03d}/{j}.jpg' for j in range(3)]) for i in range(150)]
+
+def load(path):
+    time.sleep(0.004)
+    return np.frombuffer(path.encode().ljust(32, b'.'), np.uint8) % 8
+
+summary = enroll_folders(gallery, folders, lambda faces: faces, load, progress=False)
+print(summary['enrolled'], summary['skipped'])
+"""
+
+
+def test_bulk_enrol_killed_with_sigkill_resumes_with_every_subject_once(tmp_path):
+    gallery = new_gallery(tmp_path)
+    proc = subprocess.Popen([sys.executable, '-c', _BULK, gallery.db_path], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while gallery.count() < 60 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
+    done = len(gallery.enrolled_names())
+    assert 20 <= done < 150
+    assert gallery.count() == 3 * done  # no half-written subject
+    out = subprocess.run([sys.executable, '-c', _BULK, gallery.db_path], env=ENV, timeout=300,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    enrolled, skipped = map(int, out.stdout.split())
+    assert skipped == done and enrolled == 150 - done
+    rows = gallery.subjects()
+    assert [r[0] for r in rows] == [f's{i:03d}' for i in range(150)] and {r[1] for r in rows} == {3}
+    assert sqlite3.connect(gallery.db_path).execute('PRAGMA integrity_check').fetchone() == ('ok',)
+
+
+def test_corrupted_database_gives_one_clear_error(tmp_path):
+    gallery = new_gallery(tmp_path)
+    gallery.enroll('alice', np.zeros((1, M), np.uint8), ['a'])
+    gallery.close()
+    with sqlite3.connect(gallery.db_path) as conn:
+        conn.execute('PRAGMA wal_checkpoint(TRUNCATE)')
+    with open(gallery.db_path, 'r+b') as fh:
+        fh.write(b'\x13' * 100)  # the SQLite header
+    with pytest.raises(UserError, match='not a usable gallery database'):
+        Gallery.open(gallery.db_path)
+    out = subprocess.run([sys.executable, os.path.join(ROOT, 'gallery.py'), 'list', '--db',
+                          gallery.db_path], env=ENV, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.count('\n') == 1
+    assert 'not a usable gallery database' in out.stderr and 'Traceback' not in out.stderr
+    (tmp_path / 'plain.sqlite').write_bytes(b'')
+    with pytest.raises(UserError, match='tables missing'):
+        Gallery.open(str(tmp_path / 'plain.sqlite'))
+
+
+def test_float_scan_finds_an_embedding_and_the_gallery_holds_none(tmp_path):
+    embedding = np.random.default_rng(1).standard_normal(512).astype(np.float32)
+    embedding /= np.linalg.norm(embedding)
+    with sqlite3.connect(tmp_path / 'leaky.sqlite') as conn:
+        conn.execute('CREATE TABLE t (name TEXT, v BLOB)')
+        conn.execute('INSERT INTO t VALUES (?, ?)', ('alice', embedding.tobytes()))
+    assert float_run_length((tmp_path / 'leaky.sqlite').read_bytes()) >= 512
+    gallery = new_gallery(tmp_path)
+    codes = np.random.default_rng(2).integers(0, Q, (300, M))
+    gallery.enroll_bulk([f'p{i}' for i in range(300)], codes)
+    assert float_run_length(gallery_bytes(gallery.db_path)) < 64
+
+
+def test_threshold_from_the_evaluation_results(tmp_path, monkeypatch):
+    from modules.evaluations import verification_metrics, write_report
+    rng = np.random.default_rng(0)
+    distances = np.concatenate([rng.integers(0, 12, 300), rng.integers(8, 32, 300)]).astype(float)
+    issame = np.arange(600) < 300
+    metrics = verification_metrics(distances, issame)
+    monkeypatch.chdir(tmp_path)
+    cfg = {'sub_name': 'run'}
+    with pytest.raises(UserError, match='run test_twostage_iom.py'):
+        decision_threshold(cfg)
+    write_report({'lfw': metrics}, 'logs/run', 'iom_Hamming')
+    threshold, source = decision_threshold(cfg)
+    assert threshold == metrics['eer_threshold'] and 'EER threshold on lfw' in source
+    far_eer = np.mean(distances[~issame] <= threshold)
+    frr_eer = np.mean(distances[issame] > threshold)
+    assert abs(far_eer - frr_eer) < 0.05
+    strict, _ = decision_threshold(cfg, far=0.01)
+    assert strict < threshold and np.mean(distances[~issame] <= strict) <= 0.01
+    assert np.mean(distances[~issame] <= strict + 1) > 0.01  # the largest such threshold
+    assert decision_threshold(cfg, threshold=3.0) == (3.0, 'given with --threshold')
+
+
+# ---------------------------------------------------------------------------------------------
+# With the hashing model (a tiny seeded MobileNetV2, see tests/tiny_iom.py).
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+    from tests.tiny_iom import make_tiny_model, synthetic_faces, write_photos
+    work = tmp_path_factory.mktemp('gallery')
+    cfg_path = make_tiny_model(str(work))
+    faces, gids = synthetic_faces(6, 3)
+    people = work / 'people'
+    for person, name in ((0, 'alice'), (1, 'bob')):
+        write_photos(str(people / name), faces[gids == person][:2], ['1.jpg', '2.jpg'])
+    (people / 'bob' / 'broken.jpg').write_bytes(b'not a jpeg')
+    write_photos(str(work), faces[gids == 2][:1], ['stranger.jpg'])
+    return work, cfg_path, faces, gids
+
+
+def gallery_cli(work, *args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'gallery.py'), *args], cwd=work,
+                          env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_enrol_verify_identify(tiny):
+    work, cfg_path, _, _ = tiny
+    out = gallery_cli(work, 'init', '--cfg_path', cfg_path, '--db', 'g.sqlite')
+    assert out.returncode == 0, out.stderr
+    assert stat.S_IMODE(os.stat(work / 'g.sqlite.key').st_mode) == 0o600
+    out = gallery_cli(work, 'enroll_dir', '--db', 'g.sqlite', '--input_dir', 'people',
+                      '--noprogress')
+    assert out.returncode == 0, out.stderr
+    assert '2 subjects: 2 enrolled (4 templates)' in out.stdout and 'broken.jpg' in out.stdout
+    out = gallery_cli(work, 'verify', '--db', 'g.sqlite', '--name', 'alice', '--image',
+                      'people/alice/1.jpg', '--threshold', '1')
+    assert out.returncode == 0 and 'distance 0 / 32' in out.stdout and 'MATCH' in out.stdout
+    # Someone never enrolled: the closest templates are listed, none within the threshold.
+    out = gallery_cli(work, 'identify', '--db', 'g.sqlite', '--image', 'stranger.jpg',
+                      '--threshold', '1', '--top_k', '3')
+    assert out.returncode == 1 and 'MATCH' not in out.stdout, out.stderr
+    ranks = [line.split() for line in out.stdout.splitlines() if line.strip()[:2] in ('1.', '3.')]
+    assert len(ranks) == 2 and {ranks[0][1], ranks[1][1]} <= {'alice', 'bob'}
+    assert 1 < int(ranks[0][3]) <= int(ranks[1][3])
