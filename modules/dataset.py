@@ -437,9 +437,8 @@ def tfrecord_read_error(tfrecord_path, err, record_index=None):
                      + _CONVERT_HINT)
 
 
-def scan_tfrecord(tfrecord_path):
-    """Read every record of a TFRecord (checking its CRCs); return the count, or raise a UserError
-    naming the byte offset and index of the first bad record."""
+def _read_records(tfrecord_path):
+    """(number of records readable, UserError for the first bad one or None), checking CRCs."""
     import tensorflow as tf
 
     _require_file(tfrecord_path)
@@ -455,7 +454,16 @@ def scan_tfrecord(tfrecord_path):
                 index += 1
         except tf.errors.DataLossError:
             pass
-        raise tfrecord_read_error(tfrecord_path, err, index) from None
+        return index, tfrecord_read_error(tfrecord_path, err, index)
+    return count, None
+
+
+def scan_tfrecord(tfrecord_path):
+    """Read every record of a TFRecord (checking its CRCs); return the count, or raise a UserError
+    naming the byte offset and index of the first bad record."""
+    count, error = _read_records(tfrecord_path)
+    if error is not None:
+        raise error
     return count
 
 
@@ -777,7 +785,9 @@ def full_check(cfg, report_path='logs/dataset_full_check.txt', batch_size=256):
         binary_img = cfg.get('binary_img', True)
         _require_file(source)
         _check_tfrecord_flavour(source, binary_img)
-        total = scan_tfrecord(source) if os.path.getsize(source) <= SCAN_LIMIT_BYTES else None
+        total, damage = None, None
+        if os.path.getsize(source) <= SCAN_LIMIT_BYTES:
+            total, damage = _read_records(source)
         features = {'image/encoded': tf.io.FixedLenFeature([], tf.string, default_value=''),
                     'image/filename': tf.io.FixedLenFeature([], tf.string, default_value=''),
                     'image/img_path': tf.io.FixedLenFeature([], tf.string, default_value='')}
@@ -791,13 +801,18 @@ def full_check(cfg, report_path='logs/dataset_full_check.txt', batch_size=256):
             path = parsed['image/img_path']
             return _read_decode_checked(path)[1], tf.strings.join([path, ' (', where, ')']), path
 
-        dataset = tf.data.TFRecordDataset(source).enumerate().map(
-            check_record, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+        dataset = tf.data.TFRecordDataset(source).enumerate()
+        if damage is not None:  # check the records before the damage, then report it
+            dataset = dataset.take(total)
+        dataset = dataset.map(check_record, num_parallel_calls=tf.data.AUTOTUNE,
+                              deterministic=False)
         try:
             checked, bad = _scan_flags(dataset.batch(batch_size).prefetch(2), total,
                                        'check records')
         except tf.errors.DataLossError as err:  # a file above SCAN_LIMIT_BYTES, met while reading
             raise tfrecord_read_error(source, err) from None
+        if damage is not None:
+            bad.append((f'{source} record {total}', str(damage).split(': ', 1)[1]))
     with atomic_output(report_path, 'w') as fh:
         fh.write(f'# {len(bad)} bad of {checked} images in {source}\n')
         fh.writelines(f'{name}\t{reason}\n' for name, reason in sorted(bad))

@@ -126,7 +126,8 @@ class RunState:
             except UserError as err:
                 self.close()
                 raise type(err)(f'{err}; stopped at step {self.step} without saving, last good '
-                                f'checkpoint: {self.manager.latest_checkpoint}') from None
+                                f"checkpoint: {self.manager.latest_checkpoint or 'none yet'}") \
+                    from None
         step = self.step
         if self.images == 0 and self.started is not None and self.warm is None:
             # The first step traces the tf.function: leave it out of the throughput.
