@@ -34,7 +34,7 @@ from test_weights import (  # the helpers that build iresnet ONNX graphs from ra
 
 from modules import backbones
 from modules.utils import INSIGHT_UNITS, UserError
-from modules.weights import onnx_to_npy
+from modules.weights import onnx_to_npy, write_weight_dict
 from modules.weights.torch_pth import pth_to_npy
 from modules.weights.verify import MIN_COSINE, onnx_embeddings, sample_faces, verify_onnx
 
@@ -291,7 +291,6 @@ def test_dynamo_onnx_iresnet18_and_cli(r18, tmp_path):
     weights, summary = onnx_to_npy(path)
     assert summary['backbone'] == 'Insight_ResNet18' and summary['opset'] == 18
     npy = str(tmp_path / 'r18.npy')
-    from modules.weights import write_weight_dict
     write_weight_dict(weights, npy)
     start = time.perf_counter()
     cos = verify_onnx(path, npy, 'Insight_ResNet18', summary['feed'])
@@ -359,6 +358,16 @@ def test_unrunnable_graphs_are_refused_with_the_node(tmp_path, tiny):
                                         r'shape \(128,\) does not broadcast per channel'):
         onnx_to_npy(str(tmp_path / 'slope.onnx'))
     dyn = make_onnx(params, TINY_UNITS, 3, 'dynamo', str(tmp_path / 'dyn.onnx'), opset=18)
+    # --verify's check: the right weights pass, another network's weights are caught.
+    right, wrong = str(tmp_path / 'right.npy'), str(tmp_path / 'wrong.npy')
+    write_weight_dict(onnx_to_npy(dyn)[0], right)
+    other = source_params(TINY_UNITS, 3, seed=42, fc1_gamma_random=False)
+    write_weight_dict(onnx_to_npy(make_onnx(other, TINY_UNITS, 3, 'pytorch',
+                                            str(tmp_path / 'other.onnx')))[0], wrong)
+    assert verify_onnx(dyn, right, tiny, TORCH_FEED).min() > 0.99999
+    with pytest.raises(UserError, match=r'disagrees with .*dyn.onnx on the sample faces: min '
+                                        r'cosine -?[0-9.]+ < 0.9999'):
+        verify_onnx(dyn, wrong, tiny, TORCH_FEED)
     model = onnx.load(dyn)
     for init in model.graph.initializer:
         if init.name == 'flat':

@@ -6,10 +6,10 @@ import time
 from modules.weights.mxnet import mxnet_to_npy
 from modules.weights.npy import write_weight_dict
 from modules.weights.onnx import onnx_to_npy
-from modules.weights.torch_pth import pth_to_npy
+from modules.weights.torch_pth import TORCH_INPUT_NORM, pth_to_npy
 
 # The input normalisation (mean, std) each source format assumes when its graph has none.
-DEFAULT_NORM = {'onnx': (127.5, 127.5), 'pth': (127.5, 127.5), 'mxnet': (127.5, 128.0)}
+DEFAULT_NORM = {'onnx': (127.5, 127.5), 'pth': TORCH_INPUT_NORM, 'mxnet': (127.5, 128.0)}
 
 
 def source_format(source):

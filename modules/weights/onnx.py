@@ -1,5 +1,6 @@
 """ONNX iresnet models (InsightFace model zoo: PyTorch iresnet exports, or MXNet models exported
 to ONNX)."""
+import os
 import time
 
 import numpy as np
@@ -112,8 +113,6 @@ def _default_opset(model, path):
 
 def _load_external_data(model, path):
     """Load initializers stored beside the model (torch's dynamo exporter: <name>.onnx.data)."""
-    import os
-
     from onnx import external_data_helper
     base = os.path.dirname(os.path.abspath(path))
     external = [t for t in model.graph.initializer if external_data_helper.uses_external_data(t)]
