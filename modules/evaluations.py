@@ -403,7 +403,9 @@ def default_thresholds(distances, num=DEFAULT_NUM_THRESHOLDS):
 def roc_curve(distances, issame):
     """ROC over all pairs (score = -distance): (fpr, tpr, thresholds), one point per distinct
     distance, starting at (0, 0); a pair counts as accepted when its distance is <= threshold."""
-    d = np.asarray(distances, np.float64)
+    d = np.asarray(distances)
+    # float32 distances sort as they are (twice as fast; the same order and ties as in float64).
+    d = d if d.dtype == np.float32 else np.asarray(d, np.float64)
     same = np.asarray(issame, bool)
     # Sort the distances alone and count genuine pairs by binary search: tied distances are one
     # ROC point, so no stable argsort is needed, and on IJB-C's 15.6 M pairs this is ~3x faster.
@@ -413,7 +415,7 @@ def roc_curve(distances, issame):
     fp = last + 1 - tp
     tpr = np.r_[0.0, tp / same.sum()]
     fpr = np.r_[0.0, fp / (~same).sum()]
-    return fpr, tpr, np.r_[-np.inf, d_sorted[last]]
+    return fpr, tpr, np.r_[-np.inf, d_sorted[last].astype(np.float64)]
 
 
 def equal_error_rate(fpr, tpr):

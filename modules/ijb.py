@@ -362,30 +362,40 @@ def pair_scores(template_feats, template_ids, pairs, measure='cosine'):
         if feats.dtype.kind not in 'iu':
             raise UserError(f"measure 'Hamming' needs integer IoM codes, got {feats.dtype}")
         m = feats.shape[1]
+        field_bits = None
         if feats.size and 0 <= feats.min() and feats.max() < 256:
-            # One byte per index, padded with equal zeros to whole 64-bit words.
-            feats = np.pad(feats.astype(np.uint8), ((0, 0), (0, -m % 8))).view(np.uint64)
+            feats, field_bits = _pack_codes(feats)
     step = max(1, _BLOCK_ELEMENTS // max(feats.shape[1], 1) // 4)
     for start in range(0, len(pairs), step):
         a, b = feats[rows[start:start + step, 0]], feats[rows[start:start + step, 1]]
         if measure == 'cosine':
             scores[start:start + step] = np.einsum('ij,ij->i', a, b)
-        elif feats.dtype == np.uint64:
-            scores[start:start + step] = m - _nonzero_bytes(a ^ b)
+        elif field_bits:
+            scores[start:start + step] = m - _nonzero_fields(a ^ b, field_bits)
         else:
             scores[start:start + step] = (a == b).sum(axis=1, dtype=np.int32)
     return scores
 
 
-_LOW7 = np.uint64(0x7F7F7F7F7F7F7F7F)
+def _pack_codes(codes):
+    """Codes in [0, 256) as (T, k) uint64 words of 4-bit (q <= 16) or 8-bit fields, padded with
+    zero fields (equal in every pair): a half or a quarter of the int8 row to gather per pair."""
+    codes = codes.astype(np.uint8)
+    bits = 4 if codes.max() < 16 else 8
+    per_word = 64 // bits
+    codes = np.pad(codes, ((0, 0), (0, -codes.shape[1] % per_word)))
+    if bits == 4:
+        codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return np.ascontiguousarray(codes).view(np.uint64), bits
 
 
-def _nonzero_bytes(words):
-    """Non-zero bytes per row of a (n, k) uint64 array: a byte's high bit is set in
-    ((x & 0x7f) + 0x7f) | x exactly when the byte is non-zero; count those bits."""
-    flags = (words & _LOW7) + _LOW7
+def _nonzero_fields(words, bits):
+    """Non-zero `bits`-wide fields per row of a (n, k) uint64 array: a field's top bit is set in
+    ((x & low) + low) | x, low = the field's other bits, exactly when the field is non-zero."""
+    low = np.uint64(int(('0' + '1' * (bits - 1)) * (64 // bits), 2))
+    flags = (words & low) + low
     flags |= words
-    flags &= ~_LOW7
+    flags &= ~low
     return np.bitwise_count(flags).sum(axis=1, dtype=np.int32)
 
 
@@ -403,7 +413,7 @@ def tar_at_far(scores, labels, fars=FARS):
         raise UserError('TAR@FAR needs both genuine and impostor pairs')
     if not np.isfinite(scores).all():
         raise UserError('scores contain NaN or infinite values')
-    fpr, tpr, distance_thr = ev.roc_curve(-scores.astype(np.float64), labels)
+    fpr, tpr, distance_thr = ev.roc_curve(-scores, labels)
     # FAR and TAR both grow along the curve, so the best point under a FAR is the last one.
     last = np.searchsorted(fpr, np.asarray(fars, np.float64), side='right') - 1
     tars = {float(far): float(tpr[i]) for far, i in zip(fars, last)}

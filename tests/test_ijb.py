@@ -51,7 +51,7 @@ def place_in_photo(face, rng):
     return photo, points
 
 
-def make_ijb_set(root, dataset='IJBC'):
+def make_ijb_set(root, dataset='IJBC', n_ids=N_IDS):
     """A tiny IJB release: per identity two templates of several media (one a single image),
     every template pair labelled. Returns the aligned-crop originals by image name."""
     rng = np.random.default_rng(SEED)
@@ -60,8 +60,8 @@ def make_ijb_set(root, dataset='IJBC'):
     os.makedirs(os.path.join(base, 'loose_crop'))
     # (template, media, picture k) per image: two media of two frames and one of a single image.
     layout = [(0, 0, 0), (0, 0, 1), (0, 1, 2), (1, 2, 3), (1, 3, 4), (1, 3, 5)]
-    gids = np.repeat(np.arange(N_IDS) + 1000, len(layout))
-    ks = np.tile([k for _, _, k in layout], N_IDS)
+    gids = np.repeat(np.arange(n_ids) + 1000, len(layout))
+    ks = np.tile([k for _, _, k in layout], n_ids)
     faces = synthetic_faces(gids, ks)
     tid_mid, landmarks, originals = [], [], {}
     for i, (gid, face) in enumerate(zip(gids, faces)):
@@ -126,7 +126,7 @@ def test_pair_scores_cosine_both_paths_and_hamming(monkeypatch):
     np.testing.assert_allclose(ijb.pair_scores(feats, ids, pairs), direct, atol=1e-6)
     monkeypatch.setattr(ijb, '_GEMM_ENTRIES_PER_PAIR', 0)  # force the row-gather path
     np.testing.assert_allclose(ijb.pair_scores(feats, ids, pairs), direct, atol=1e-6)
-    for m, q in ((13, 4), (16, 300)):  # byte-packed words (with padding), and wide codes
+    for m, q in ((13, 4), (9, 200), (16, 300)):  # 4-bit and 8-bit fields (padded), wide codes
         codes = rng.integers(0, q, (5, m))
         expected = (codes[rows[:, 0]] == codes[rows[:, 1]]).sum(1)
         assert np.array_equal(ijb.pair_scores(codes, ids, pairs, 'Hamming'), expected)
@@ -134,10 +134,11 @@ def test_pair_scores_cosine_both_paths_and_hamming(monkeypatch):
         ijb.pair_scores(feats, ids, [[3, 10], [5, 3]])
 
 
-def test_tar_at_far_equals_a_direct_count_with_ties():
+@pytest.mark.parametrize('dtype', [np.float64, np.float32])
+def test_tar_at_far_equals_a_direct_count_with_ties(dtype):
     rng = np.random.default_rng(2)
     labels = rng.random(3000) < 0.2
-    scores = np.round(rng.normal(0, 1, 3000) + 1.5 * labels, 1)  # rounded: many tied scores
+    scores = np.round(rng.normal(0, 1, 3000) + 1.5 * labels, 1).astype(dtype)  # many ties
     fars = (1e-3, 1e-2, 0.05, 0.1, 0.5)
     tars, roc = ijb.tar_at_far(scores, labels, fars)
     pos, neg = scores[labels], scores[~labels]
