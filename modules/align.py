@@ -257,6 +257,8 @@ def align_file(src, dst, min_face=0, jpeg_quality=95):
 
 def _init_worker(threads):
     # Each worker process gets its share of the cores instead of all of them (oversubscription).
+    from modules.utils import quiet_tensorflow
+    quiet_tensorflow()
     import tensorflow as tf
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
@@ -270,9 +272,11 @@ def _align_job(args):
         return 'error', f'{src}: {type(err).__name__}: {err}'
 
 
-def align_tree(input_dir, output_dir, workers=1, min_face=40, jpeg_quality=95, progress=True):
+def align_tree(input_dir, output_dir, workers=1, min_face=40, jpeg_quality=95, progress=True,
+               on_done=None):
     """Mirror an identity-folder tree of photos into aligned 112x112 JPEGs; skip outputs that exist;
-    write output_dir/align_report.csv listing every failed file; return a TreeSummary."""
+    write output_dir/align_report.csv listing every failed file; return a TreeSummary.
+    `on_done(relative path, None or (reason, message))` is called as each file finishes."""
     jobs, clashes = plan_tree(input_dir, output_dir)
     if not jobs:
         raise UserError(f'{input_dir}: no files to align')
@@ -282,11 +286,11 @@ def align_tree(input_dir, output_dir, workers=1, min_face=40, jpeg_quality=95, p
         for name in files:
             if _STALE_TEMP.match(name):
                 os.remove(os.path.join(folder, name))
-    src_root = os.path.realpath(input_dir)
     summary = TreeSummary(total=len(jobs) + len(clashes), failures=list(clashes))
     todo = [(rel, dst) for rel, dst in jobs if not os.path.isfile(dst)]
     summary.skipped = len(jobs) - len(todo)
-    args = [(os.path.join(src_root, rel), dst, min_face, jpeg_quality) for rel, dst in todo]
+    # Sources keep the folder as the user gave it, so the report names files the way they know them.
+    args = [(os.path.join(input_dir, rel), dst, min_face, jpeg_quality) for rel, dst in todo]
     from tqdm import tqdm
     with contextlib.ExitStack() as stack:
         if workers > 1 and len(args) > 1:
@@ -296,7 +300,7 @@ def align_tree(input_dir, output_dir, workers=1, min_face=40, jpeg_quality=95, p
             pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(
                 workers, mp_context=multiprocessing.get_context('spawn'),
                 initializer=_init_worker, initargs=(max(1, (os.cpu_count() or 1) // workers),)))
-            results = pool.map(_align_job, args, chunksize=4)
+            results = pool.map(_align_job, args)
         else:
             results = map(_align_job, args)
         bar = stack.enter_context(tqdm(total=len(args), desc='aligning', unit='img',
@@ -307,6 +311,8 @@ def align_tree(input_dir, output_dir, workers=1, min_face=40, jpeg_quality=95, p
             else:
                 summary.failures.append((rel, *result))
             bar.update()
+            if on_done is not None:
+                on_done(rel, result)
     summary.failures.sort()
     with atomic_output(os.path.join(out_root, REPORT_NAME), 'w') as fh:
         writer = csv.writer(fh)
