@@ -418,9 +418,9 @@ def _check_tfrecord_flavour(tfrecord_path, binary_img):
 
 _CONVERT_HINT = ('re-run data/convert_train_binary_tfrecord.py (or data/convert_train_tfrecord.py '
                  'for binary_img: False) to write it again')
-# Files up to this size are scanned (CRC of every record) before a model is built: about a second
-# per few hundred MB. Bigger ones are checked as training reads them (dataset_checker.py --full
-# scans them on request).
+# Files up to this size are scanned (CRC of every record) before a model is built: 4.6 s for
+# 260 MB on two busy CPU cores. Bigger ones are checked as training reads them
+# (dataset_checker.py --full scans them on request).
 SCAN_LIMIT_BYTES = 1 << 30
 
 

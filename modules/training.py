@@ -196,10 +196,10 @@ def train_stage1(cfg, mode='eager_tf', strategy=None):
     if not os.path.isfile(cfg['train_dataset']):
         raise UserError(f"train_dataset not found: {cfg['train_dataset']} (convert the images "
                         'with data/convert_train_binary_tfrecord.py first)')
+    bad_images = BadImages(cfg['bad_images'])
+    strategy = strategy or get_strategy()  # first: multi-worker set-up must precede any TF op
     if os.path.getsize(cfg['train_dataset']) <= SCAN_LIMIT_BYTES:
         scan_tfrecord(cfg['train_dataset'])  # a cut-short file fails now, not at step 0
-    bad_images = BadImages(cfg['bad_images'])
-    strategy = strategy or get_strategy()
     total_steps = stage1_total_steps(cfg)
     global_batch = cfg['batch_size']
     if global_batch % strategy.num_replicas_in_sync:
