@@ -44,7 +44,7 @@ class IJBMeta:
 
 
 def meta_paths(ijb_root, dataset):
-    """Paths of the meta files and the image folder of `dataset` ('IJBC' or 'IJBB') under the root."""
+    """Paths of the three meta files and the image folder of `dataset` ('IJBC' or 'IJBB')."""
     if dataset not in DATASETS:
         raise UserError(f"unknown IJB set {dataset!r}; expected one of {', '.join(DATASETS)}")
     base = os.path.join(ijb_root, dataset)
@@ -145,14 +145,14 @@ def read_meta(ijb_root, dataset):
         found = lm_names[order][pos] == names
         if not found.all():
             i = int(np.argmin(found))
-            raise UserError(f'{paths["landmarks"]}: no line for image {str(names[i])!r} (line {i + 1} '
-                            f'of {paths["face_tid_mid"]})')
+            raise UserError(f'{paths["landmarks"]}: no line for image {str(names[i])!r} '
+                            f'(line {i + 1} of {paths["face_tid_mid"]})')
         points, faceness = points[order][pos], faceness[order][pos]
     on_disk = np.isin(names, np.asarray(os.listdir(paths['image_dir'])))
     if not on_disk.all():
         i = int(np.argmin(on_disk))
-        raise UserError(f'image {str(names[i])!r} (line {i + 1} of {paths["face_tid_mid"]}) not found '
-                        f'in {paths["image_dir"]}')
+        raise UserError(f'image {str(names[i])!r} (line {i + 1} of {paths["face_tid_mid"]}) '
+                        f'not found in {paths["image_dir"]}')
     pairs, labels = read_template_pairs(paths['pairs'])
     template_rows(np.unique(templates), pairs, paths['pairs'])
     if labels.all() or not labels.any():
@@ -208,8 +208,12 @@ def image_features(embed_fn, meta, cache_dir=None, model_source=None, size=112, 
         fingerprint = _fingerprint(meta, model_source, size, chunk_size)
         info_path = os.path.join(cache_dir, 'cache.json')
         if os.path.isfile(info_path):
-            with open(info_path, encoding='utf-8') as fh:
-                stored = json.load(fh)
+            try:
+                with open(info_path, encoding='utf-8') as fh:
+                    stored = json.load(fh)
+            except (OSError, ValueError) as err:
+                raise UserError(f'{info_path}: unreadable ({err}); remove {cache_dir} to embed '
+                                'again') from None
             for key, value in fingerprint.items():
                 if stored.get(key) != value:
                     raise UserError(f'{cache_dir} holds features made with another {key} '
@@ -223,10 +227,15 @@ def image_features(embed_fn, meta, cache_dir=None, model_source=None, size=112, 
         rows = slice(c * chunk_size, min(n, (c + 1) * chunk_size))
         path = None if cache_dir is None else os.path.join(cache_dir, f'chunk_{c:05d}.npy')
         if path is not None and os.path.isfile(path):
-            feats = np.load(path, allow_pickle=False)
+            try:
+                feats = np.load(path, allow_pickle=False)
+            except (OSError, ValueError, EOFError) as err:
+                raise UserError(f'{path}: unreadable ({err}); remove it to embed the chunk '
+                                'again') from None
             if feats.ndim != 2 or feats.shape[0] != rows.stop - rows.start:
-                raise UserError(f'{path}: {feats.shape[0]} rows instead of '
-                                f'{rows.stop - rows.start}; remove it to embed the chunk again')
+                raise UserError(f'{path}: shape {feats.shape}, expected '
+                                f'{rows.stop - rows.start} rows; remove it to embed the chunk '
+                                'again')
             reused += 1
         else:
             images = load_aligned(meta.image_dir, meta.names[rows], meta.landmarks[rows], size)

@@ -220,6 +220,10 @@ def test_feature_cache_resumes_and_refuses_another_model(ijb_root, tmp_path):
     assert reused == 3 and sum(calls) == 2 * 10 and np.array_equal(first, again)
     with pytest.raises(UserError, match='another model'):
         ijb.image_features(embed, meta, cache, 'model B', chunk_size=10, progress=False)
+    with open(os.path.join(cache, 'chunk_00001.npy'), 'r+b') as fh:
+        fh.truncate(100)  # damaged outside the program (its own writes are atomic)
+    with pytest.raises(UserError, match='chunk_00001.npy: unreadable'):
+        ijb.image_features(embed, meta, cache, 'model A', chunk_size=10, progress=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +252,8 @@ def workdir(tmp_path_factory):
     cfg = validate_config(STAGE2, required=STAGE2_REQUIRED)
     arcface = arcface_from_config(cfg, use_pretrain=False)
     stage1_checkpoint(arcface).save(str(work / 'checkpoints' / 'ijb_s1' / 'ckpt'))
-    stage2_checkpoint(IoMFaceModel(cfg, arcface)).save(str(work / 'checkpoints' / 'ijb_s2' / 'ckpt'))
+    stage2 = IoMFaceModel(cfg, arcface)
+    stage2_checkpoint(stage2).save(str(work / 'checkpoints' / 'ijb_s2' / 'ckpt'))
     return work
 
 
