@@ -19,7 +19,6 @@ ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963],
                              [41.5493, 92.3655],
                              [70.7299, 92.2041]], dtype=np.float32)
 ARCFACE_SIZE = 112
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 ALIGN_MODES = ('auto', 'always', 'never')
 # The refinement view: a _VIEW_SIDE square with the face at _VIEW_SCALE times the 112 template.
 _VIEW_SIDE = 224
@@ -40,8 +39,7 @@ class FaceError(UserError):
 
 
 def read_photo(path):
-    """A photo file as an RGB uint8 (H, W, 3) array: EXIF orientation applied, grey/RGBA/palette
-    converted; FaceError('unreadable') naming the file when it is missing, corrupt or not an image."""
+    """A photo file as RGB uint8 (EXIF-rotated; grey, alpha, palette, 16-bit converted), or FaceError."""
     from PIL import Image, ImageOps
     try:
         with Image.open(path) as img:
@@ -95,8 +93,7 @@ def _get_detector():
 
 
 def detect_faces(image, min_face_size=MIN_DETECT_SIZE):
-    """Faces in an RGB uint8 image, largest box first: dicts with `box` (x, y, w, h), `landmarks`
-    (5, 2) float32 in ARCFACE_TEMPLATE order and `score`."""
+    """Faces, largest box first: dicts of `box` (x, y, w, h), `landmarks` (5, 2) float32, `score`."""
     image = as_rgb(image)
     if min(image.shape[:2]) < 12:  # below MTCNN's 12-pixel network input nothing can be found
         return []
@@ -131,17 +128,17 @@ def align_face(image, landmarks, size=ARCFACE_SIZE):
     """The size x size RGB uint8 ArcFace crop of `image` given its five (x, y) landmarks."""
     import cv2
     matrix = similarity_matrix(landmarks, size)
-    return cv2.warpAffine(np.ascontiguousarray(image), matrix, (size, size), flags=cv2.INTER_LINEAR,
+    return cv2.warpAffine(as_rgb(image), matrix, (size, size), flags=cv2.INTER_LINEAR,
                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
 def refine_landmarks(image, landmarks):
-    """Five landmarks found again on an upright, standard-scale view of the face (mapped back to
-    `image` pixels); the given ones when that view shows no face."""
+    """The landmarks detected again on an upright view of the face (the given ones if none is found)."""
     import cv2
     # MTCNN's points drift on tilted faces (measured on rotations of 25-30 degrees: 6-8% of the
     # eye distance, worst point 16%); a second pass on the de-rotated face costs one small
     # detection and brings that to 2-3% (worst point 7%), see tests/test_align.py.
+    image = as_rgb(image)
     matrix = np.vstack([similarity_matrix(landmarks, _VIEW_SCALE * ARCFACE_SIZE), [0.0, 0.0, 1.0]])
     matrix[:2, 2] += _VIEW_SIDE / 2.0 - _VIEW_SCALE * ARCFACE_SIZE / 2.0
     view = cv2.warpAffine(image, matrix[:2], (_VIEW_SIDE, _VIEW_SIDE), flags=cv2.INTER_LINEAR,
@@ -158,8 +155,7 @@ def refine_landmarks(image, landmarks):
 
 
 def align_image(image, source='image', min_face=0, size=ARCFACE_SIZE):
-    """The size x size ArcFace crop of the largest face; FaceError naming `source` when there is none
-    or when its box is smaller than min_face pixels."""
+    """The ArcFace crop of the largest face; FaceError naming `source` if none or under min_face px."""
     image = as_rgb(image, source)
     faces = detect_faces(image)
     if not faces:
@@ -172,10 +168,8 @@ def align_image(image, source='image', min_face=0, size=ARCFACE_SIZE):
     return align_face(image, refine_landmarks(image, faces[0]['landmarks']), size)
 
 
-
 def load_face(path, size=ARCFACE_SIZE, align='auto'):
-    """A face photo file as a size x size RGB uint8 array, aligned first when `align` is 'always',
-    or 'auto' and the photo is not already size x size ('never': only resized)."""
+    """A photo file as a size x size RGB uint8 face; `align`: auto (unless size x size), always, never."""
     import cv2
     if align not in ALIGN_MODES:
         raise UserError(f'align must be one of {", ".join(ALIGN_MODES)}, got {align!r}')
@@ -216,8 +210,7 @@ class TreeSummary:
 
 
 def plan_tree(input_dir, output_dir):
-    """(relative source path, output path) for every non-hidden file under input_dir, plus
-    failure rows for sources whose output name clashes with an earlier one (a.png and a.jpg)."""
+    """(relative path, output path) per non-hidden file under input_dir, and name_clash failure rows."""
     if not os.path.isdir(input_dir):
         raise UserError(f'input folder not found: {input_dir}')
     src_root, out_root = os.path.realpath(input_dir), os.path.realpath(output_dir)
@@ -274,9 +267,10 @@ def _align_job(args):
 
 def align_tree(input_dir, output_dir, workers=1, min_face=40, jpeg_quality=95, progress=True,
                on_done=None):
-    """Mirror an identity-folder tree of photos into aligned 112x112 JPEGs; skip outputs that exist;
-    write output_dir/align_report.csv listing every failed file; return a TreeSummary.
-    `on_done(relative path, None or (reason, message))` is called as each file finishes."""
+    """Mirror a photo tree into aligned JPEGs (existing outputs kept), write the report; a TreeSummary.
+
+    `on_done(relative path, None or (reason, message))` is called as each file finishes.
+    """
     jobs, clashes = plan_tree(input_dir, output_dir)
     if not jobs:
         raise UserError(f'{input_dir}: no files to align')
