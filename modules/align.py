@@ -20,6 +20,8 @@ ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963],
                              [70.7299, 92.2041]], dtype=np.float32)
 ARCFACE_SIZE = 112
 ALIGN_MODES = ('auto', 'always', 'never')
+# File name endings (lower case) that folder scanners take for photos (gallery, export parity).
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 # The refinement view: a _VIEW_SIDE square with the face at _VIEW_SCALE times the 112 template.
 _VIEW_SIDE = 224
 _VIEW_SCALE = 1.0
