@@ -255,3 +255,37 @@ def test_cli_enrol_verify_identify(tiny):
     ranks = [line.split() for line in out.stdout.splitlines() if line.strip()[:2] in ('1.', '3.')]
     assert len(ranks) == 2 and {ranks[0][1], ranks[1][1]} <= {'alice', 'bob'}
     assert 1 < int(ranks[0][3]) <= int(ranks[1][3])
+
+
+def test_rekey_revokes_old_codes_and_another_model_is_refused(tiny, monkeypatch):
+    from modules.evaluations import verification_metrics
+    from modules.gallery import Hasher
+    from modules.utils import STAGE2_REQUIRED, load_config
+    from tests.tiny_iom import make_tiny_model
+    work, cfg_path, faces, gids = tiny
+    monkeypatch.chdir(work)
+    cfg = load_config(cfg_path, STAGE2_REQUIRED)
+    gallery = Gallery.create(str(work / 'r.sqlite'), cfg_path, M, Q, Hasher(cfg, None).fingerprint)
+    old = Hasher(cfg, gallery.key)
+    gallery.check_model(old.fingerprint, M, Q)
+    old_codes = old.codes(faces)
+    first, second = np.triu_indices(len(gids), k=1)
+    hamming = np.count_nonzero(old_codes[first] != old_codes[second], axis=1)
+    threshold = verification_metrics(hamming, gids[first] == gids[second])['eer_threshold']
+    gallery.enroll_bulk([f'id{g}' for g in gids], old_codes)
+    gallery.rekey()
+    new_codes = Hasher(cfg, gallery.key).codes(faces)
+    cross = np.count_nonzero(old_codes != new_codes, axis=1)
+    print(f'same photo across keys: Hamming {cross.min()}..{cross.max()} of {M} '
+          f'(chance {M * (1 - 1 / Q):.0f}), EER threshold {threshold}')
+    assert cross.min() > threshold and abs(cross.mean() - M * (1 - 1 / Q)) < 0.15 * M
+    assert gallery.count() == 0
+    with pytest.raises(UserError, match="'id0' is not enrolled"):
+        gallery.verify('id0', new_codes[0])
+    # Another model (other weights, same config) is refused by its fingerprint.
+    other_dir = work / 'other'
+    other_dir.mkdir()
+    make_tiny_model(str(other_dir), seed=1)
+    monkeypatch.chdir(other_dir)
+    with pytest.raises(UserError, match='made by another model'):
+        gallery.check_model(Hasher(cfg, gallery.key).fingerprint, M, Q)
