@@ -44,10 +44,13 @@ def _when(ts):
     return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime('%Y-%m-%d %H:%M:%S UTC')
 
 
-def _open_with_model(gallery_cls):
-    """Open the gallery and the hashing model under its key; refuse a different model."""
+def _open_with_model(gallery_cls, name=None):
+    """Open the gallery and the hashing model under its key; refuse a different model (and an
+    unknown `name` before the model is loaded)."""
     from modules.gallery import Hasher
     gallery = gallery_cls.open(FLAGS.db)
+    if name is not None:
+        gallery.templates_of(name)
     cfg = load_config(FLAGS.cfg_path or gallery.meta['cfg_path'], STAGE2_REQUIRED)
     quiet_tensorflow()
     hasher = Hasher(cfg, gallery.key)
@@ -70,6 +73,7 @@ def main(argv):
     _require(command, 'db')
     if command == 'init':
         _require(command, 'cfg_path')
+        Gallery.check_new(FLAGS.db)  # before the model is loaded
         cfg = load_config(FLAGS.cfg_path, STAGE2_REQUIRED)
         quiet_tensorflow()
         # The fingerprint does not depend on the key (PermLayer has no weights).
@@ -80,7 +84,7 @@ def main(argv):
               f"{gallery.meta['key_id']})")
     elif command in ('enroll', 'verify'):
         _require(command, 'name', 'image')
-        gallery, hasher, cfg = _open_with_model(Gallery)
+        gallery, hasher, cfg = _open_with_model(Gallery, FLAGS.name if command == 'verify' else None)
         if command == 'verify':
             threshold, source = _threshold(cfg)
             code = hasher.photo_codes([FLAGS.image], FLAGS.align)

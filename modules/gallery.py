@@ -196,14 +196,19 @@ class Gallery:
         self._cache = None
 
     # -- opening ------------------------------------------------------------------------------
-    @classmethod
-    def create(cls, db_path, cfg_path, m, q, model_fp):
-        """A new database and key file; refused when either already exists."""
-        kpath = key_path(db_path)
-        for path in (db_path, kpath):
+    @staticmethod
+    def check_new(db_path):
+        """UserError when the database or its key file already exists."""
+        for path in (db_path, key_path(db_path)):
             if os.path.lexists(path):
                 raise UserError(f'{path} already exists: a gallery is initialised only once '
                                 '(use `rekey` to change the key)')
+
+    @classmethod
+    def create(cls, db_path, cfg_path, m, q, model_fp):
+        """A new database and key file; refused when either already exists."""
+        cls.check_new(db_path)
+        kpath = key_path(db_path)
         os.makedirs(os.path.dirname(os.path.abspath(db_path)), exist_ok=True)
         key = new_key()
         meta = {'format': FORMAT, 'cfg_path': os.path.abspath(cfg_path), 'm': str(int(m)),
