@@ -112,8 +112,10 @@ def test_scan_names_the_first_corrupt_record(data, tmp_path):
 def test_corrupt_jpeg_in_binary_record_is_skipped_counted_and_named(data, tmp_path, monkeypatch):
     from modules.training import train_stage1
     monkeypatch.chdir(tmp_path)
-    summary = train_stage1(load_config(cfg_file(tmp_path, data / 'corrupt_jpeg.tfrecord')))
-    assert summary['step'] == 3
+    # 4 batches of 8 need more than the 24 good records of one pass: the bad one is met.
+    summary = train_stage1(load_config(cfg_file(tmp_path, data / 'corrupt_jpeg.tfrecord',
+                                                max_steps=4)))
+    assert summary['step'] == 4
     assert summary['bad_images'] == 1
     assert summary['bad_image_examples'] == [
         f"{data / 'corrupt_jpeg.tfrecord'} record {NUM_IDS * PER_ID} (id_01/bad.jpg): cannot be "
@@ -147,7 +149,7 @@ def test_missing_file_behind_online_record(data, tmp_path, monkeypatch):
     assert summary['bad_image_examples'][0].startswith(f'{missing} (online.tfrecord record ')
     assert summary['bad_image_examples'][0].endswith(': missing or unreadable file')
     cfg = load_config(cfg_file(tmp_path, 'online.tfrecord', binary_img=False, max_steps=6,
-                               bad_images='fail'))
+                               save_steps=100, bad_images='fail'))
     with pytest.raises(BadImageError, match=f'bad training image {missing} .*missing.*'
                                             r'last good checkpoint: .*ckpt-3'):
         train_stage1(cfg)
