@@ -16,16 +16,12 @@ from modules.layers import (
 layers = tf.keras.layers
 
 # The stage-1 run the original code started stage 2 from, per backbone (config key stage1_sub_name).
-DEFAULT_STAGE1_RUN = {
-    'ResNet50': 'arc_res50',
-    'MobileNetV2': 'arc_mbv2',
-    'Insight_ResNet100': 'arc_Insight_ResNet100',
-    'Insight_ResNet50': 'arc_Insight_ResNet50',
-}
+DEFAULT_STAGE1_RUN = {'ResNet50': 'arc_res50', 'MobileNetV2': 'arc_mbv2',
+                      **{name: f'arc_{name}' for name in INSIGHT_UNITS}}
+# Insight_ResNet100 -> pre_models/resnet100/resnet100.npy, and so on for every depth.
 DEFAULT_INSIGHT_WEIGHTS = {
-    'Insight_ResNet100': os.path.join('pre_models', 'resnet100', 'resnet100.npy'),
-    'Insight_ResNet50': os.path.join('pre_models', 'resnet50', 'resnet50.npy'),
-}
+    name: os.path.join('pre_models', f'resnet{depth}', f'resnet{depth}.npy')
+    for name in INSIGHT_UNITS for depth in [name.removeprefix('Insight_ResNet')]}
 
 
 def OutputLayer(in_shape, embd_shape=512, w_decay=5e-4, name='OutputLayer'):
