@@ -23,6 +23,59 @@ def _check_positive_int(value, what):
 
 # ---------------------------------------------------------------------------------------------
 @tf.keras.utils.register_keras_serializable(package=_PACKAGE)
+class FusedBatchNormalization(tf.keras.layers.BatchNormalization):
+    """Keras' BatchNormalization computed by TensorFlow's fused kernel (`FusedBatchNormV3`).
+
+    Keras 3 normalises with separate moments / subtract / scale ops; the fused kernel does the
+    forward pass in one op and the backward pass in one gradient op, which is what made tf-keras
+    backbones ~1.6x faster per step on the CPU. Same variables, names, momentum and epsilon as the
+    parent, so checkpoints and `.npy` weights load unchanged, and `isinstance(.., BatchNormalization)`
+    holds. Inference: y = gamma * (x - moving_mean) / sqrt(moving_variance + eps) + beta.
+    Training: y uses the batch mean and the biased batch variance, exactly as Keras; the moving
+    variance is updated with the *unbiased* batch variance (factor n / (n - 1), n = N*H*W), as
+    tf-keras' fused path and PyTorch do, where Keras 3 uses the biased one. Channel-last inputs of
+    rank 2 or 4 take the fused path (rank 2 as (N, 1, 1, C)); anything else (masks, renorm, other
+    axes or ranks) falls back to the parent's ops.
+    """
+
+    def _fusable(self, inputs, mask):
+        rank = len(inputs.shape)
+        return (mask is None and not self.renorm and rank in (2, 4)
+                and self.axis in (-1, rank - 1))
+
+    def call(self, inputs, training=None, mask=None):
+        """Normalise `inputs` with the fused kernel; update the moving statistics in training."""
+        if not self._fusable(inputs, mask):
+            return super().call(inputs, training=training, mask=mask)
+        x = inputs
+        if x.dtype not in (tf.float16, tf.bfloat16, tf.float32):
+            x = tf.cast(x, tf.float32)
+        shape = tf.shape(x)
+        if len(inputs.shape) == 2:
+            x = tf.reshape(x, [-1, 1, 1, inputs.shape[-1]])
+        channels = inputs.shape[-1]
+        gamma = self.gamma if self.scale else tf.ones([channels], tf.float32)
+        beta = self.beta if self.center else tf.zeros([channels], tf.float32)
+        training = bool(training) and self.trainable
+        y, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
+            x=x, scale=tf.cast(gamma, tf.float32), offset=tf.cast(beta, tf.float32),
+            mean=tf.cast(self.moving_mean, tf.float32),
+            variance=tf.cast(self.moving_variance, tf.float32),
+            epsilon=float(self.epsilon),
+            # With a factor below 1 the kernel returns the updated running averages itself:
+            # (1 - f) * moving + f * batch, f = 1 - momentum.
+            exponential_avg_factor=1.0 - float(self.momentum) if training else 1.0,
+            data_format='NHWC', is_training=training)
+        if training:
+            self.moving_mean.assign(tf.cast(mean, self.moving_mean.dtype))
+            self.moving_variance.assign(tf.cast(variance, self.moving_variance.dtype))
+        if len(inputs.shape) == 2:
+            y = tf.reshape(y, shape)
+        return tf.cast(y, self.compute_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+@tf.keras.utils.register_keras_serializable(package=_PACKAGE)
 class ArcMarginPenaltyLogists(tf.keras.layers.Layer):
     """ArcFace head: logits s*cos(t + m) for the true class and s*cos(t) for the others.
 
@@ -256,13 +309,13 @@ def iom_hidden_layers(remark, name_prefix=''):
         return []
     if remark == '2':
         return [layers.Dense(1024, name=f'{p}hidden_dense_1'),
-                layers.BatchNormalization(name=f'{p}hidden_bn_1'),
+                FusedBatchNormalization(name=f'{p}hidden_bn_1'),
                 layers.Dropout(0.5, name=f'{p}hidden_dropout_1')]
     out = []
     for i in (1, 2):
         out += [layers.Dense(512, activation='relu', name=f'{p}hidden_dense_{i}'),
                 layers.Dropout(0.5, name=f'{p}hidden_dropout_{i}'),
-                layers.BatchNormalization(name=f'{p}hidden_bn_{i}')]
+                FusedBatchNormalization(name=f'{p}hidden_bn_{i}')]
     return out
 
 

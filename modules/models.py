@@ -7,6 +7,7 @@ import tensorflow as tf
 from modules.backbones import BN_MOMENTUM, INSIGHT_UNITS, Backbone
 from modules.layers import (
     ArcMarginPenaltyLogists,
+    FusedBatchNormalization,
     IoMHead,
     IoMProjection,
     PermLayer,
@@ -27,12 +28,12 @@ DEFAULT_INSIGHT_WEIGHTS = {
 def OutputLayer(in_shape, embd_shape=512, w_decay=5e-4, name='OutputLayer'):
     """Embedding block after the backbone: BN, Dropout(0.5), Flatten, Dense(embd_shape, L2), BN."""
     inputs = layers.Input(in_shape[1:])
-    x = layers.BatchNormalization(momentum=BN_MOMENTUM, name='bn_in')(inputs)
+    x = FusedBatchNormalization(momentum=BN_MOMENTUM, name='bn_in')(inputs)
     x = layers.Dropout(0.5, name='dropout')(x)
     x = layers.Flatten(name='flatten')(x)
     x = layers.Dense(embd_shape, kernel_regularizer=tf.keras.regularizers.L2(w_decay),
                      name='embedding')(x)
-    x = layers.BatchNormalization(momentum=BN_MOMENTUM, name='bn_out')(x)
+    x = FusedBatchNormalization(momentum=BN_MOMENTUM, name='bn_out')(x)
     return tf.keras.Model(inputs, x, name=name)
 
 

@@ -210,9 +210,9 @@ def test_iom_projection_parameter_count_and_init():
 @pytest.mark.parametrize('remark,kinds,units', [
     ('1', [], []),
     ('T1', [], []),
-    ('2', ['Dense', 'BatchNormalization', 'Dropout'], [1024]),
-    ('3', ['Dense', 'Dropout', 'BatchNormalization'] * 2, [512, 512]),
-    ('T2', ['Dense', 'Dropout', 'BatchNormalization'] * 2, [512, 512]),
+    ('2', ['Dense', 'FusedBatchNormalization', 'Dropout'], [1024]),
+    ('3', ['Dense', 'Dropout', 'FusedBatchNormalization'] * 2, [512, 512]),
+    ('T2', ['Dense', 'Dropout', 'FusedBatchNormalization'] * 2, [512, 512]),
 ])
 def test_iom_hidden_layers(remark, kinds, units):
     layers = iom_hidden_layers(remark, name_prefix='h_')

@@ -175,7 +175,7 @@ def test_npy_mmdnn_style_entries_and_per_channel_prelu(tmp_path):
     entries = {}
     for layer in model.layers:
         w = layer.get_weights()
-        kind = type(layer).__name__
+        kind = type(layer).__name__.removeprefix('Fused')
         if kind == 'Conv2D':
             entries[layer.name.encode()] = {b'weights': w[0]}
         elif kind == 'BatchNormalization' and len(w) == 4:

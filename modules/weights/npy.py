@@ -112,9 +112,11 @@ _ENTRY_KEYS = {
 
 
 def _kind(layer):
-    name = type(layer).__name__
-    return {'Conv2D': 'conv', 'Dense': 'dense', 'BatchNormalization': 'bn',
-            'PReLU': 'prelu'}.get(name, name)
+    # By the class and its bases, so our fused BatchNormalization (a subclass of Keras' own)
+    # counts as 'bn'; names, not classes, so this module needs no TensorFlow import.
+    bases = {cls.__name__ for cls in type(layer).__mro__}
+    kinds = (('Conv2D', 'conv'), ('Dense', 'dense'), ('BatchNormalization', 'bn'), ('PReLU', 'prelu'))
+    return next((kind for name, kind in kinds if name in bases), type(layer).__name__)
 
 
 def _weighted_layers(model):
