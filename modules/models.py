@@ -33,13 +33,15 @@ def OutputLayer(in_shape, embd_shape=512, w_decay=5e-4, name='OutputLayer'):
     x = layers.Flatten(name='flatten')(x)
     x = layers.Dense(embd_shape, kernel_regularizer=tf.keras.regularizers.L2(w_decay),
                      name='embedding')(x)
-    x = FusedBatchNormalization(momentum=BN_MOMENTUM, name='bn_out')(x)
+    # float32 under a mixed-precision policy: the embedding that leaves the model stays float32.
+    x = FusedBatchNormalization(momentum=BN_MOMENTUM, name='bn_out', dtype='float32')(x)
     return tf.keras.Model(inputs, x, name=name)
 
 
 def NormHead(num_classes, w_decay=5e-4, name='NormHead'):
     """Plain fully connected classification head (logits)."""
-    return layers.Dense(num_classes, kernel_regularizer=tf.keras.regularizers.L2(w_decay), name=name)
+    return layers.Dense(num_classes, kernel_regularizer=tf.keras.regularizers.L2(w_decay), name=name,
+                        dtype='float32')  # logits stay float32 under mixed precision
 
 
 def ArcFaceModel(size=None, channels=3, num_classes=None, name='arcface_model', margin=0.5,
@@ -58,7 +60,7 @@ def ArcFaceModel(size=None, channels=3, num_classes=None, name='arcface_model', 
     labels = layers.Input([], name='label', dtype='int64')
     if head_type == 'ArcHead':
         logits = ArcMarginPenaltyLogists(num_classes, margin=margin, logist_scale=logist_scale,
-                                         name='ArcHead')((embds, labels))
+                                         name='ArcHead', dtype='float32')((embds, labels))
     elif head_type == 'NormHead':
         logits = NormHead(num_classes, w_decay)(embds)
     else:

@@ -5,6 +5,7 @@ counter is the global step, a CheckpointManager that saves model + optimizer eve
 (so a killed run resumes exactly where its last checkpoint was), TensorBoard scalars, a tqdm bar
 and a guard that stops on a non-finite loss without overwriting the last good checkpoint.
 """
+import contextlib
 import hashlib
 import json
 import math
@@ -54,21 +55,73 @@ def is_chief(strategy):
                                              and 'chief' not in resolver.cluster_spec().as_dict())
 
 
+class WarmupSchedule(tf.keras.optimizers.schedules.LearningRateSchedule):
+    """lr(t) = base_lr * t / warmup for t < warmup, then the config's schedule.
+
+    After the warm-up: constant base_lr; 'step': x0.1 at each of `lr_steps` (absolute steps);
+    'cosine': base_lr * (1 + cos(pi * u)) / 2 and 'poly': base_lr * (1 - u)^2 (arcface_torch),
+    with u = (t - warmup) / (total - warmup) clipped to [0, 1], so both reach 0 at the last step.
+    """
+
+    def __init__(self, base_lr, total_steps, warmup_steps=0, schedule='constant', lr_steps=()):
+        self.base_lr = float(base_lr)
+        self.total_steps = int(total_steps)
+        self.warmup_steps = int(warmup_steps)
+        self.schedule = schedule
+        self.lr_steps = [int(b) for b in lr_steps]
+
+    def __call__(self, step):
+        """Learning rate at optimizer step `step` (0-based)."""
+        t = tf.cast(step, tf.float32)
+        base = tf.constant(self.base_lr, tf.float32)
+        span = float(max(self.total_steps - self.warmup_steps, 1))
+        u = tf.clip_by_value((t - self.warmup_steps) / span, 0.0, 1.0)
+        if self.schedule == 'cosine':
+            lr = base * 0.5 * (1.0 + tf.cos(math.pi * u))
+        elif self.schedule == 'poly':
+            lr = base * tf.square(1.0 - u)
+        elif self.schedule == 'step' and self.lr_steps:
+            passed = tf.reduce_sum(tf.cast(t >= tf.constant(self.lr_steps, tf.float32), tf.float32))
+            lr = base * tf.pow(0.1, passed)
+        else:
+            lr = base
+        if self.warmup_steps:
+            lr = tf.where(t < self.warmup_steps, base * t / self.warmup_steps, lr)
+        return lr
+
+    def get_config(self):
+        """Constructor arguments (Keras serialisation)."""
+        return {'base_lr': self.base_lr, 'total_steps': self.total_steps,
+                'warmup_steps': self.warmup_steps, 'schedule': self.schedule,
+                'lr_steps': self.lr_steps}
+
+
 def learning_rate(cfg, total_steps):
-    """The config's learning rate: constant, step (x0.1 at each of lr_steps) or cosine decay."""
-    base = float(cfg['base_lr'])
-    if cfg['lr_schedule'] == 'step' and cfg['lr_steps']:
-        values = [base * 0.1 ** i for i in range(len(cfg['lr_steps']) + 1)]
-        return tf.keras.optimizers.schedules.PiecewiseConstantDecay(list(cfg['lr_steps']), values)
-    if cfg['lr_schedule'] == 'cosine':
-        return tf.keras.optimizers.schedules.CosineDecay(base, max(total_steps, 1))
-    return base
+    """The config's learning rate: warm-up, then constant, step, cosine or poly decay."""
+    if cfg['lr_schedule'] == 'constant' and not cfg['warmup_steps']:
+        return float(cfg['base_lr'])
+    return WarmupSchedule(cfg['base_lr'], total_steps, cfg['warmup_steps'], cfg['lr_schedule'],
+                          cfg['lr_steps'])
 
 
-def make_optimizer(cfg, total_steps):
-    """SGD with Nesterov momentum 0.9 on the config's learning rate."""
-    return tf.keras.optimizers.SGD(learning_rate=learning_rate(cfg, total_steps), momentum=0.9,
-                                   nesterov=True)
+def make_optimizer(cfg, total_steps, loss_scaling=True):
+    """SGD with Nesterov momentum 0.9; wrapped in dynamic loss scaling under mixed_float16."""
+    optimizer = tf.keras.optimizers.SGD(learning_rate=learning_rate(cfg, total_steps),
+                                        momentum=0.9, nesterov=True)
+    if loss_scaling and cfg['mixed_precision'] == 'mixed_float16':
+        optimizer = tf.keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+@contextlib.contextmanager
+def dtype_policy(cfg):
+    """Build models under the config's mixed-precision policy; restore the previous one after."""
+    previous = tf.keras.mixed_precision.global_policy()
+    tf.keras.mixed_precision.set_global_policy(cfg['mixed_precision'] or 'float32')
+    try:
+        yield
+    finally:
+        tf.keras.mixed_precision.set_global_policy(previous)
 
 
 class NonFiniteLoss(UserError):
@@ -76,7 +129,13 @@ class NonFiniteLoss(UserError):
 
 
 class RunState:
-    """Checkpointing, TensorBoard and progress reporting for one training run."""
+    """Checkpointing, TensorBoard and progress reporting for one training run.
+
+    The host reads the loss only every `log_steps` steps (and before every checkpoint), so the
+    device is not stalled each step. The NaN guard still sees every step: the train step folds
+    `is_finite(loss)` into the device-side flag `finite` (see `track_finite`), which is read at
+    log and save time; a checkpoint is never written once a non-finite loss has been seen.
+    """
 
     def __init__(self, cfg, checkpoint, optimizer, strategy, total_steps, batch_size):
         self.cfg = cfg
@@ -93,16 +152,21 @@ class RunState:
             checkpoint.restore(self.restored).assert_existing_objects_matched()
         self.writer = tf.summary.create_file_writer(log_dir(cfg) if self.chief else
                                                     tempfile.mkdtemp(prefix='logs_worker_'))
+        # Host-side step counter: reading optimizer.iterations every step would sync the device.
+        self.step = int(optimizer.iterations.numpy())
+        self.checked_step = self.step  # last step whose losses are known to be finite
+        self.finite = tf.Variable(True, trainable=False, name='all_losses_finite')
         self.bar = None
         self.started = None
         self.warm = None
+        self.last = None
+        self.paused = self.paused_at_last = 0.0  # seconds of checkpoint saves, not training
         self.images = 0
         self.bad_images = None  # a modules.dataset.BadImages when the data pipeline reports to it
 
-    @property
-    def step(self):
-        """Global step: the optimizer's iteration counter, restored with the checkpoint."""
-        return int(self.optimizer.iterations.numpy())
+    def track_finite(self, loss):
+        """Inside a train step: fold this step's loss into the device-side finite flag."""
+        self.finite.assign(tf.logical_and(self.finite, tf.reduce_all(tf.math.is_finite(loss))))
 
     def start(self):
         """Open the progress bar; report where the run starts from."""
@@ -114,12 +178,18 @@ class RunState:
                         disable=not self.chief)
         self.started = time.perf_counter()
 
-    def after_step(self, loss, scalars=None):
-        """Record one finished step: non-finite guard, bar, TensorBoard, periodic checkpoint."""
-        if not math.isfinite(loss):
+    def _check(self, loss=None):
+        """Stop on a non-finite loss since the last check, or on a bad image in fail mode."""
+        finite = bool(self.finite.numpy())
+        if finite and loss is not None:
+            finite = math.isfinite(float(loss))
+        if not finite:
             self.close()
-            raise NonFiniteLoss(f'loss became {loss} at step {self.step}; stopped without '
+            window = (f'at step {self.step}' if self.step - self.checked_step <= 1 else
+                      f'between steps {self.checked_step + 1} and {self.step}')
+            raise NonFiniteLoss(f'the loss became NaN or infinite {window}; stopped without '
                                 f'saving, last good checkpoint: {self.manager.latest_checkpoint}')
+        self.checked_step = self.step
         if self.bad_images is not None and self.bad_images.count:
             try:
                 self.bad_images.check()
@@ -128,40 +198,54 @@ class RunState:
                 raise type(err)(f'{err}; stopped at step {self.step} without saving, last good '
                                 f"checkpoint: {self.manager.latest_checkpoint or 'none yet'}") \
                     from None
-        step = self.step
-        if self.images == 0 and self.started is not None and self.warm is None:
-            # The first step traces the tf.function: leave it out of the throughput.
-            self.warm = time.perf_counter()
+
+    def after_step(self, loss, scalars=None):
+        """Record one finished step (`loss`, `scalars`: tensors or floats, read only when logged)."""
+        self.step += 1
+        now = time.perf_counter()
+        if self.warm is None:
+            self.warm = now  # the first step traces the tf.function: left out of the rate
         else:
             self.images += self.batch_size
+            self.last = now
+            self.paused_at_last = self.paused
+        self.bar.update(1)
+        save_due = self.step % self.cfg['save_steps'] == 0 or self.step >= self.total_steps
+        if self.step % self.cfg['log_steps'] and not save_due:
+            return
+        self._check(loss)
+        loss = float(loss)
         rate = self.images_per_second()
         bad = {} if self.bad_images is None else {'bad_img': self.bad_images.count}
         self.bar.set_postfix(loss=f'{loss:.4f}', img_s=f'{rate:.1f}', **bad, refresh=False)
-        self.bar.update(1)
-        with self.writer.as_default(step=step):
+        with self.writer.as_default(step=self.step):
             tf.summary.scalar('loss/total', loss)
             tf.summary.scalar('images_per_second', rate)
             lr = self.optimizer.learning_rate
             tf.summary.scalar('learning_rate', float(lr.numpy() if hasattr(lr, 'numpy') else lr))
             for name, value in (scalars or {}).items():
-                tf.summary.scalar(name, value)
+                tf.summary.scalar(name, float(value))
             if self.bad_images is not None:
                 tf.summary.scalar('data/bad_images', self.bad_images.count)
-        if step % self.cfg['save_steps'] == 0 or step >= self.total_steps:
+        if save_due:
             self.save()
 
     def save(self):
-        """Write a checkpoint for the current step (if not already saved for it)."""
+        """Write a checkpoint for the current step (if not already saved for it); losses checked."""
         if self.manager.latest_checkpoint and self.manager.latest_checkpoint.endswith(
                 f'-{self.step}'):
             return
+        self._check()
+        began = time.perf_counter()
         self.manager.save(checkpoint_number=self.step)
+        if self.warm is not None:
+            self.paused += time.perf_counter() - began
 
     def images_per_second(self):
-        """Mean training throughput after the first (tracing) step."""
-        if self.warm is None:
+        """Steady-state throughput: after the first (tracing) step, checkpoint saves left out."""
+        if self.last is None:
             return 0.0
-        return self.images / max(time.perf_counter() - self.warm, 1e-9)
+        return self.images / max(self.last - self.warm - self.paused_at_last, 1e-9)
 
     def close(self):
         """Close the bar and flush the logs."""
@@ -206,7 +290,8 @@ def train_stage1(cfg, mode='eager_tf', strategy=None):
         raise UserError(f"batch_size {global_batch} is not divisible by the "
                         f'{strategy.num_replicas_in_sync} replicas')
     with strategy.scope():
-        model = arcface_from_config(cfg, training=True)
+        with dtype_policy(cfg):
+            model = arcface_from_config(cfg, training=True)
         optimizer = make_optimizer(cfg, total_steps)
         optimizer.build(model.trainable_variables)
         checkpoint = stage1_checkpoint(model, head=model.layers[-1], optimizer=optimizer)
@@ -240,28 +325,44 @@ def train_stage1(cfg, mode='eager_tf', strategy=None):
 def _stage1_custom_loop(model, optimizer, softmax_loss, dataset, strategy, state):
     global_batch = state.batch_size
     dist_dataset = strategy.experimental_distribute_dataset(dataset)
+    scaled = isinstance(optimizer, tf.keras.optimizers.LossScaleOptimizer)
 
-    def replica_step(images, labels):
+    # Forward and backward in one (optionally XLA-compiled) function; the optimizer update stays
+    # outside it because under a strategy it all-reduces the gradients across replicas.
+    @tf.function(jit_compile=state.cfg['jit_compile'])
+    def loss_and_gradients(images, labels):
         with tf.GradientTape() as tape:
             logits = model((images, labels), training=True)
             per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
                 labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32))
             pred_loss = tf.reduce_sum(per_example) / global_batch
-            reg_loss = tf.add_n(model.losses) if model.losses else 0.0
+            reg_loss = tf.add_n([tf.cast(x, tf.float32) for x in model.losses]) \
+                if model.losses else 0.0
             loss = pred_loss + reg_loss / strategy.num_replicas_in_sync
-        grads = tape.gradient(loss, model.trainable_variables)
+            # Dynamic loss scaling: the optimizer unscales, and skips a step that overflowed.
+            target = optimizer.scale_loss(loss) if scaled else loss
+        return loss, pred_loss, tape.gradient(target, model.trainable_variables)
+
+    def replica_step(images, labels):
+        loss, pred_loss, grads = loss_and_gradients(images, labels)
+        if scaled:  # Keras' loss-scale skip (a tf.cond) cannot run in a replica context
+            return loss, pred_loss, grads
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return loss, pred_loss
 
     @tf.function
     def train_step(images, labels):
-        loss, pred = strategy.run(replica_step, args=(images, labels))
-        return (strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None),
-                strategy.reduce(tf.distribute.ReduceOp.SUM, pred, axis=None))
+        loss, pred, *grads = strategy.run(replica_step, args=(images, labels))
+        if scaled:
+            summed = [strategy.reduce(tf.distribute.ReduceOp.SUM, g, axis=None) for g in grads[0]]
+            optimizer.apply_gradients(zip(summed, model.trainable_variables))
+        loss = strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
+        state.track_finite(loss)
+        return loss, strategy.reduce(tf.distribute.ReduceOp.SUM, pred, axis=None)
 
     for images, labels in dist_dataset:
         loss, pred = train_step(images, labels)
-        state.after_step(float(loss), {'loss/softmax': float(pred)})
+        state.after_step(loss, {'loss/softmax': pred})
         if state.step >= state.total_steps:
             break
 
@@ -276,7 +377,7 @@ class _RunStateCallback(tf.keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         try:
-            self.state.after_step(float(logs['loss']))
+            self.state.after_step(logs['loss'])
         except (NonFiniteLoss, BadImageError) as err:
             self.error = err
             self.model.stop_training = True
@@ -288,7 +389,8 @@ def _stage1_fit(model, optimizer, softmax_loss, dataset, strategy, state):
     """Keras fit() over 'chunks' of save_steps steps, so a resumed run restarts on a boundary."""
     chunk = state.cfg['save_steps']
     with strategy.scope():
-        model.compile(optimizer=optimizer, loss=softmax_loss)
+        model.compile(optimizer=optimizer, loss=softmax_loss,
+                      jit_compile=state.cfg['jit_compile'])
     # fit() sees ((image, label), label): ArcHead needs the label as an input.
     data = dataset.map(lambda x, y: ((x, y), y))
     callback = _RunStateCallback(state)
@@ -320,7 +422,8 @@ class Stage2Model:
             load_backbone_weights,
             trained_iom_layers,
         )
-        self.arcface_model = arcface_from_config(cfg, use_pretrain=False)
+        with dtype_policy(cfg):
+            self.arcface_model = arcface_from_config(cfg, use_pretrain=False)
         self.backbone_source = load_backbone_weights(self.arcface_model, cfg)
         self.arcface_model.trainable = False
         self.iom_model = IoMFaceModel(cfg, self.arcface_model)
@@ -419,7 +522,9 @@ def train_stage2(cfg, strategy=None):
     total_steps = stage2_total_steps(cfg)
     with strategy.scope():
         net = Stage2Model(cfg)
-        optimizer = make_optimizer(cfg, total_steps)
+        # The trained IoM layers and the loss are float32 (only the frozen backbone runs in half
+        # precision): their gradients cannot underflow, so no loss scaling.
+        optimizer = make_optimizer(cfg, total_steps, loss_scaling=False)
         optimizer.build(net.trainable_variables)
         checkpoint = stage2_checkpoint(net.iom_model, optimizer=optimizer)
     if net.backbone_source is None:
@@ -457,14 +562,18 @@ def train_stage2(cfg, strategy=None):
         embed = net.arcface_model
     state.bad_images = bad_images
 
-    def replica_step(inputs, labels):
+    @tf.function(jit_compile=cfg['jit_compile'])
+    def loss_and_gradients(inputs, labels):
         embeddings = inputs if embed is None else embed(inputs, training=False)
         with tf.GradientTape() as tape:
-            logits = net.logits(embeddings, training=True)
+            logits = net.logits(tf.cast(embeddings, tf.float32), training=True)
             codes, probs = net.head.soft_outputs(logits)
             total, terms = loss_fn(labels, codes, probs, net.l2())
             scaled = total / strategy.num_replicas_in_sync
-        grads = tape.gradient(scaled, net.trainable_variables)
+        return total, terms, tape.gradient(scaled, net.trainable_variables)
+
+    def replica_step(inputs, labels):
+        total, terms, grads = loss_and_gradients(inputs, labels)
         optimizer.apply_gradients(zip(grads, net.trainable_variables))
         return total, terms
 
@@ -472,8 +581,9 @@ def train_stage2(cfg, strategy=None):
     def train_step(inputs, labels):
         total, terms = strategy.run(replica_step, args=(inputs, labels))
         mean = tf.distribute.ReduceOp.MEAN
-        return (strategy.reduce(mean, total, axis=None),
-                {k: strategy.reduce(mean, v, axis=None) for k, v in terms.items()})
+        total = strategy.reduce(mean, total, axis=None)
+        state.track_finite(total)
+        return total, {k: strategy.reduce(mean, v, axis=None) for k, v in terms.items()}
 
     evaluator = Stage2Evaluator(cfg, net) if cfg['eval_steps'] else None
     state.start()
@@ -482,7 +592,7 @@ def train_stage2(cfg, strategy=None):
             if state.step >= total_steps:
                 break
             total, terms = train_step(batch_inputs, batch_labels)
-            state.after_step(float(total), {f'loss/{k}': float(v) for k, v in terms.items()})
+            state.after_step(total, {f'loss/{k}': v for k, v in terms.items()})
             if evaluator and state.step % cfg['eval_steps'] == 0:
                 evaluator.run(state)
         state.save()

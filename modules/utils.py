@@ -88,8 +88,16 @@ SCHEMA = {
     'num_samples': Key((int,), REQUIRED, doc='training images per epoch'),
     'epochs': Key((int,), REQUIRED, doc='training epochs'),
     'base_lr': Key(_NUM, REQUIRED, doc='initial learning rate'),
-    'lr_schedule': Key((str,), 'constant', ('constant', 'step', 'cosine'),
-                       doc='learning-rate schedule'),
+    'lr_schedule': Key((str,), 'constant', ('constant', 'step', 'cosine', 'poly'),
+                       doc='learning-rate schedule (poly: (1 - t/T)^2 to 0, as arcface_torch)'),
+    'warmup_steps': Key((int,), 0, doc='linear warm-up from 0 to base_lr over the first N steps; '
+                        'cosine/poly then decay over the remaining steps'),
+    'log_steps': Key((int,), 20, doc='read the loss and write TensorBoard every N steps (a '
+                     'non-finite loss anywhere in between is still caught)'),
+    'mixed_precision': Key((str, type(None)), None, (None, 'mixed_float16', 'mixed_bfloat16'),
+                           doc='Keras dtype policy of the backbone (null: float32); logits, '
+                               'losses, BN statistics and the embedding stay float32'),
+    'jit_compile': Key((bool,), False, doc='XLA-compile the training step (slower on CPUs)'),
     'lr_steps': Key((list,), [], doc="step schedule: steps at which the rate is multiplied by 0.1"),
     'w_decay': Key(_NUM, 5e-4, doc='L2 weight decay'),
     'save_steps': Key((int,), 1000, doc='checkpoint every N steps'),
@@ -198,7 +206,7 @@ def validate_config(raw, path='<config>', required=STAGE1_REQUIRED):
             raise ConfigError(f"{path}: key '{key}' must not be negative, got {value!r}")
         cfg[key] = value
     for key in ('batch_size', 'input_size', 'embd_shape', 'q', 'm', 'samples_per_class',
-                'classes_per_batch', 'save_steps'):
+                'classes_per_batch', 'save_steps', 'log_steps'):
         if key in cfg and cfg[key] == 0:
             raise ConfigError(f"{path}: key '{key}' must be positive")
     if not all(isinstance(s, int) and not isinstance(s, bool) for s in cfg.get('lr_steps', [])):

@@ -133,7 +133,11 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, tfrecord, mon
     assert ckpts == ['ckpt-2.index']
 
 
-def test_mirrored_strategy_over_two_cpu_devices(tmp_path, tfrecord):
+FAST_AND_MIXED = [{}, {'mixed_precision': 'mixed_bfloat16', 'jit_compile': True}]
+
+
+@pytest.mark.parametrize('extra', FAST_AND_MIXED, ids=['float32', 'bf16_xla'])
+def test_mirrored_strategy_over_two_cpu_devices(tmp_path, tfrecord, extra):
     script = f"""
 import sys, json
 sys.path.insert(0, {ROOT!r})
@@ -142,7 +146,7 @@ from modules.utils import load_config
 configure_devices(cpu_devices=2)
 strategy = get_strategy()
 assert strategy.num_replicas_in_sync == 2, strategy.num_replicas_in_sync
-out = train_stage1(load_config({write_cfg(tmp_path, tfrecord)!r}), 'eager_tf', strategy)
+out = train_stage1(load_config({write_cfg(tmp_path, tfrecord, **extra)!r}), 'eager_tf', strategy)
 print('REPLICAS', strategy.num_replicas_in_sync, out['step'])
 """
     proc = subprocess.run([sys.executable, '-c', script], cwd=tmp_path, capture_output=True,
@@ -157,8 +161,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_multi_worker_mirrored_on_loopback(tmp_path, tfrecord):
-    cfg = write_cfg(tmp_path, tfrecord, max_steps=3, save_steps=100)
+@pytest.mark.parametrize('extra', FAST_AND_MIXED, ids=['float32', 'bf16_xla'])
+def test_multi_worker_mirrored_on_loopback(tmp_path, tfrecord, extra):
+    cfg = write_cfg(tmp_path, tfrecord, max_steps=3, save_steps=100, **extra)
     workers = [f'127.0.0.1:{free_port()}', f'127.0.0.1:{free_port()}']
     procs = []
     for index in range(2):
