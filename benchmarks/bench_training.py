@@ -108,7 +108,7 @@ def build_tf_keras_reference(backbone):
         return loss
 
     images, labels = batch()
-    return (lambda i, lab: step(i, lab)), (images, labels)
+    return step, (images, labels)
 
 
 def build_stage2(variant):
