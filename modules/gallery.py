@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from modules.search import pack_codes, search
-from modules.utils import UserError, log_dir
+from modules.utils import UserError, atomic_output, log_dir
 
 FORMAT = 'iomface-gallery-1'
 KEY_SUFFIX = '.key'
@@ -74,18 +74,8 @@ def key_id(key):
 
 def write_key(path, key):
     """Write a key file with mode 0600 from the start (never world-readable, not even briefly)."""
-    tmp = f'{path}.{secrets.token_hex(4)}.tmp'
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, 'w') as fh:
-            fh.write(f'{key:x}\n')
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
+    with atomic_output(path, 'w', permissions=0o600) as fh:
+        fh.write(f'{key:x}\n')
 
 
 def read_key(path):

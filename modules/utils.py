@@ -243,15 +243,21 @@ def _umask_mode():
 
 
 @contextlib.contextmanager
-def atomic_output(path, mode='wb'):
-    """Open a temporary file beside `path`; rename it into place only if the block succeeds."""
+def atomic_output(path, mode='wb', permissions=None):
+    """Open a temporary file beside `path`; rename it into place only if the block succeeds.
+
+    The file is created 0600 and gets `permissions` (default: the umask's usual mode) only once
+    written, so a secret written with permissions=0o600 is never readable by others.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', dir=directory)
     try:
         with os.fdopen(fd, mode) as fh:
             yield fh
-        os.chmod(tmp, _umask_mode())  # mkstemp makes 0600 files; give the usual permissions
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, _umask_mode() if permissions is None else permissions)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
