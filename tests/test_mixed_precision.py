@@ -131,3 +131,21 @@ def test_thirty_half_precision_steps_lower_the_loss(tmp_path, tfrecord, monkeypa
         before = tf.train.load_variable(out['checkpoint'], next(
             n for n in names if 'dynamic_scale' in n))
         assert np.isfinite(before) and before > 0
+
+
+def test_fit_mode_scales_the_loss_under_mixed_float16(tmp_path, tfrecord, monkeypatch):  # noqa: F811
+    """Keras fit() trains with our LossScaleOptimizer (not a second wrapper) and saves its scale.
+
+    Resuming with the scale is shown for the custom loop above; both modes share the checkpoint.
+    """
+    monkeypatch.chdir(tmp_path)
+    path = write_cfg(tmp_path, tfrecord, mixed_precision='mixed_float16', max_steps=2,
+                     save_steps=2, log_steps=1, embd_shape=32)
+    out = train_stage1(load_config(path), mode='fit')
+    assert out['step'] == 2
+    names = [name for name, _ in tf.train.list_variables(out['checkpoint'])]
+    scale = [n for n in names if 'dynamic_scale' in n]
+    assert len(scale) == 1, scale
+    assert tf.train.load_variable(out['checkpoint'], scale[0]) > 0
+    losses = [v for _, v in read_scalars(tmp_path / 'logs' / 't', 'loss/total')]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
