@@ -18,7 +18,7 @@ def main(_):
     """Load the config and check its train_dataset."""
     cfg = load_config(FLAGS.cfg_path, required=('train_dataset', 'batch_size'))
     quiet_tensorflow()
-    from modules.dataset import check_dataset, full_check
+    from modules.dataset_check import check_dataset, full_check
     if FLAGS.full:
         full_check(cfg, FLAGS.report)
     else:

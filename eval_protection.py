@@ -64,12 +64,13 @@ def main(_):
         raise UserError(f'--bins must be positive, got {FLAGS.bins}')
     quiet_tensorflow()
     from modules import evaluations as ev
+    from modules import testsets
     from modules.models import iom_codes, load_iom_model
     from modules.protection import evaluate_protection, plot_unlinkability
     from modules.training import configure_devices
 
     configure_devices(FLAGS.gpu)
-    images, issame = ev.load_verification_set(cfg['test_dataset'], FLAGS.set)
+    images, issame = testsets.load_verification_set(cfg['test_dataset'], FLAGS.set)
     model = load_iom_model(cfg)
     embeddings = ev.extract_embeddings(model.get_layer('arcface_model'), images,
                                        cfg['eval_batch_size'], cfg['is_flip'], cfg['is_ccrop'])

@@ -31,7 +31,7 @@ def run(args):
 
 def comparison_table(float_results, iom_results, code_name):
     """Markdown table: per set, the float embedding's and the IoM code's Accuracy, EER and AUC."""
-    from modules.evaluations import VAL_SETS
+    from modules.testsets import VAL_SETS
     lines = ['| set | template | Accuracy | EER | AUC |', '|---|---|---|---|---|']
     for name in sorted(float_results, key=VAL_SETS.index):
         for label, res in (('ArcFace float (cosine)', float_results[name]),

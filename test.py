@@ -13,8 +13,9 @@ def main(_):
     """Load the newest checkpoint of the config's run, evaluate it, print and save the results."""
     cfg = load_config(FLAGS.cfg_path, TEST_REQUIRED)
     quiet_tensorflow()
-    from modules.evaluations import evaluate_verification, format_table, get_val_data, write_report
+    from modules.evaluations import evaluate_verification, format_table, write_report
     from modules.models import arcface_from_config, load_backbone_weights
+    from modules.testsets import get_val_data
     from modules.training import configure_devices
     configure_devices(FLAGS.gpu)
     val_sets = get_val_data(cfg['test_dataset'])  # bad test data fails before the model is built

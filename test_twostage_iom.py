@@ -29,11 +29,12 @@ def main(_):
     cfg = load_config(FLAGS.cfg_path, STAGE2_REQUIRED)
     quiet_tensorflow()
     from modules import evaluations as ev
+    from modules import testsets
     from modules.models import iom_hasher, load_iom_model
     from modules.training import configure_devices
     configure_devices(FLAGS.gpu)
     measure = 'LUT' if FLAGS.isLUT else FLAGS.measure
-    val_sets = ev.get_val_data(cfg['test_dataset'])  # bad test data fails before the model is built
+    val_sets = testsets.get_val_data(cfg['test_dataset'])  # bad test data fails before the model is built
     model = load_iom_model(cfg)
     hasher = iom_hasher(model, cfg['is_flip'])
     options = dict(q=cfg['q'], batch_size=cfg['eval_batch_size'], is_ccrop=cfg['is_ccrop'])
@@ -46,7 +47,7 @@ def main(_):
     retrieval = {}
     for key, name in (('test_dataset_ytf', 'ytf'), ('test_dataset_fs', 'facescrub')):
         if cfg[key]:
-            images, labels, _ = ev.load_identity_folders(cfg[key], cfg['img_ext'])
+            images, labels, _ = testsets.load_identity_folders(cfg[key], cfg['img_ext'])
             retrieval[name] = ev.evaluate_retrieval(hasher, images, labels, measure, **options)
     if retrieval:
         print(ev.format_retrieval_table(retrieval))

@@ -614,7 +614,8 @@ class Stage2Evaluator:
     """
 
     def __init__(self, cfg, net):
-        from modules.evaluations import extract_embeddings, get_val_data
+        from modules.evaluations import extract_embeddings
+        from modules.testsets import get_val_data
         self.net = net
         self.q = cfg['q']
         self.embeddings = {}

@@ -228,7 +228,7 @@ def test_pk_batch_keeps_its_shape_when_an_image_is_bad(data, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # dataset_checker.py --full and the quiet start
 def test_full_check_reports_every_bad_file(data, tmp_path, monkeypatch):
-    from modules.dataset import full_check
+    from modules.dataset_check import full_check
     root = bad_tree(tmp_path, data)
     (root / 'id_00' / '5.jpg').write_bytes((root / 'id_00' / '5.jpg').read_bytes()[:300])
     checked, bad = full_check({'train_dataset': str(root), 'img_ext': 'jpg'},

@@ -289,12 +289,13 @@ def _stage1_config(path, train_dataset, tmp_path):
 
 
 def test_check_dataset_writes_grid(records, tmp_path):
+    from modules.dataset_check import check_dataset
     from modules.utils import load_config
 
     cfg = load_config(str(_stage1_config(tmp_path / 'cfg.yaml', records[False][0], tmp_path)))
     cfg['binary_img'] = False
     out = tmp_path / 'grid.png'
-    stats = ds.check_dataset(cfg, num_batches=3, output_path=str(out))
+    stats = check_dataset(cfg, num_batches=3, output_path=str(out))
     assert stats['batches'] == 3 and stats['image_shape'] == (4, 112, 112, 3)
     assert 0.0 <= stats['min'] <= stats['max'] <= 1.0
     assert 0 <= stats['label_min'] <= stats['label_max'] <= 2

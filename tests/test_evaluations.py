@@ -15,6 +15,7 @@ from sklearn.metrics import roc_curve as sk_roc_curve
 from sklearn.model_selection import KFold
 
 from modules import evaluations as E
+from modules import testsets as T
 from modules.utils import UserError
 
 
@@ -231,7 +232,7 @@ def _tiny_set(n_pairs=3, seed=0):
 def _write_bcolz(root, name, rgb, issame, folder=None):
     import bcolz
 
-    folder = folder or E._BCOLZ_FOLDERS[name]
+    folder = folder or T._BCOLZ_FOLDERS[name]
     os.makedirs(os.path.join(root, folder), exist_ok=True)
     bgr_chw = (rgb[..., ::-1].transpose(0, 3, 1, 2) * 2.0 - 1.0).astype(np.float32)
     carr = bcolz.carray(bgr_chw, rootdir=os.path.join(root, folder, name), mode='w')
@@ -255,8 +256,8 @@ def test_readers_agree(tmp_path):
     bn.mkdir()
     _write_bcolz(str(bz), 'lfw', rgb, issame)
     _write_bin(str(bn / 'lfw.bin'), _encode(rgb), [bool(s) for s in issame])
-    img_a, same_a = E.load_verification_set(str(bz), 'lfw')
-    img_b, same_b = E.load_verification_set(str(bn), 'lfw')
+    img_a, same_a = T.load_verification_set(str(bz), 'lfw')
+    img_b, same_b = T.load_verification_set(str(bn), 'lfw')
     assert img_a.shape == img_b.shape == (6, 112, 112, 3)
     assert img_a.dtype == img_b.dtype == np.float32
     np.testing.assert_allclose(img_a, rgb, atol=1e-6)  # exact layout conversion
@@ -273,7 +274,7 @@ def test_bin_with_numpy_bools_protocol2_and_resize(tmp_path):
     small = cv2.imencode('.png', np.full((56, 56, 3), 200, np.uint8))[1].tobytes()
     bins[0] = small
     _write_bin(str(tmp_path / 'cfp_fp.bin'), bins, [np.bool_(s) for s in issame], protocol=2)
-    images, same = E.load_verification_set(str(tmp_path), 'cfp_fp')
+    images, same = T.load_verification_set(str(tmp_path), 'cfp_fp')
     np.testing.assert_array_equal(same, issame)
     assert images.shape == (6, 112, 112, 3)
     np.testing.assert_allclose(images[0], 200 / 255, atol=1e-6)
@@ -293,7 +294,7 @@ def _py2_pickle(bins, issame):
 def test_bin_written_by_python2(tmp_path):
     rgb, issame = _tiny_set()
     (tmp_path / 'agedb_30.bin').write_bytes(_py2_pickle(_encode(rgb), issame))
-    images, same = E.load_verification_set(str(tmp_path), 'agedb_30')
+    images, same = T.load_verification_set(str(tmp_path), 'agedb_30')
     np.testing.assert_array_equal(same, issame)
     assert np.abs(images - rgb).mean() < 0.01
 
@@ -303,9 +304,9 @@ def test_get_val_data_all_sets_and_missing(tmp_path):
     _write_bcolz(str(tmp_path), 'lfw', rgb, issame)
     _write_bin(str(tmp_path / 'agedb_30.bin'), _encode(rgb), list(map(bool, issame)))
     with pytest.raises(UserError, match=r'cfp_fp.*cfp_align_112.*cfp_fp\.bin'):
-        E.get_val_data(str(tmp_path))
+        T.get_val_data(str(tmp_path))
     _write_bin(str(tmp_path / 'cfp_fp.bin'), _encode(rgb), list(map(bool, issame)))
-    data = E.get_val_data(str(tmp_path))
+    data = T.get_val_data(str(tmp_path))
     assert sorted(data) == ['agedb_30', 'cfp_fp', 'lfw']
     assert all(v[0].shape == (6, 112, 112, 3) for v in data.values())
 
@@ -333,7 +334,7 @@ def test_hostile_bin_is_refused(tmp_path, evil_cls):
     payload = pickle.dumps((_encode(rgb), [evil_cls(str(marker))] + [True, False]))
     (tmp_path / 'lfw.bin').write_bytes(payload)
     with pytest.raises(UserError, match=r'lfw\.bin.*refusing to load global (io|builtins|posix|nt)\.'):
-        E.load_verification_set(str(tmp_path), 'lfw')
+        T.load_verification_set(str(tmp_path), 'lfw')
     assert not marker.exists()
 
 
@@ -341,10 +342,10 @@ def test_bin_refuses_non_bool_numpy_scalar_and_other_numpy_globals(tmp_path):
     path = tmp_path / 'lfw.bin'
     path.write_bytes(pickle.dumps(([b'x', b'y'], [np.float64(1.0)])))
     with pytest.raises(UserError, match='bool'):
-        E.load_verification_set(str(tmp_path), 'lfw')
+        T.load_verification_set(str(tmp_path), 'lfw')
     path.write_bytes(pickle.dumps(([b'x', b'y'], np.array([True]))))
     with pytest.raises(UserError, match='refusing to load global numpy'):
-        E.load_verification_set(str(tmp_path), 'lfw')
+        T.load_verification_set(str(tmp_path), 'lfw')
 
 
 def test_bcolz_wrong_shape_and_count(tmp_path):
@@ -356,17 +357,17 @@ def test_bcolz_wrong_shape_and_count(tmp_path):
     bcolz.carray(np.zeros((6, 3, 64, 64), np.float32), rootdir=str(d / 'lfw'), mode='w').flush()
     np.save(d / 'lfw_list.npy', np.array([True, False, True]))
     with pytest.raises(UserError, match=r'shape \(2N, 3, 112, 112\)'):
-        E.load_verification_set(str(tmp_path), 'lfw')
+        T.load_verification_set(str(tmp_path), 'lfw')
     rgb, _ = _tiny_set()
     _write_bcolz(str(tmp_path), 'agedb_30', rgb, np.array([True, False]))
     with pytest.raises(UserError, match='6 images for 2 pairs'):
-        E.load_verification_set(str(tmp_path), 'agedb_30')
+        T.load_verification_set(str(tmp_path), 'agedb_30')
     bcolz.carray(np.zeros((2, 3, 112, 112), np.int16), rootdir=str(tmp_path / 'cfp_align_112'
                                                                      / 'cfp_fp'),
                  mode='w').flush()
     np.save(tmp_path / 'cfp_align_112' / 'cfp_fp_list.npy', np.array([True]))
     with pytest.raises(UserError, match='must be float'):
-        E.load_verification_set(str(tmp_path), 'cfp_fp')
+        T.load_verification_set(str(tmp_path), 'cfp_fp')
 
 
 def test_bcolz_missing_list(tmp_path):
@@ -376,7 +377,7 @@ def test_bcolz_missing_list(tmp_path):
     bcolz.carray(np.zeros((2, 3, 112, 112), np.float32),
                  rootdir=str(tmp_path / 'lfw_align_112' / 'lfw'), mode='w').flush()
     with pytest.raises(UserError, match='lfw_list.npy'):
-        E.load_verification_set(str(tmp_path), 'lfw')
+        T.load_verification_set(str(tmp_path), 'lfw')
 
 
 def test_bin_count_mismatch_and_corrupt_image(tmp_path):
@@ -384,37 +385,37 @@ def test_bin_count_mismatch_and_corrupt_image(tmp_path):
     bins = _encode(rgb)
     _write_bin(str(tmp_path / 'lfw.bin'), bins[:5], list(map(bool, issame)))
     with pytest.raises(UserError, match='5 images for 3 pairs'):
-        E.load_verification_set(str(tmp_path), 'lfw')
+        T.load_verification_set(str(tmp_path), 'lfw')
     bins[3] = b'not an image at all'
     _write_bin(str(tmp_path / 'lfw.bin'), bins, list(map(bool, issame)))
     with pytest.raises(UserError, match=r'lfw\.bin: image 3 cannot be decoded'):
-        E.load_verification_set(str(tmp_path), 'lfw')
+        T.load_verification_set(str(tmp_path), 'lfw')
     (tmp_path / 'lfw.bin').write_bytes(b'\x80\x04garbage')
     with pytest.raises(UserError, match='not a valid verification .bin'):
-        E.load_verification_set(str(tmp_path), 'lfw')
+        T.load_verification_set(str(tmp_path), 'lfw')
     with pytest.raises(UserError, match='unknown verification set'):
-        E.load_verification_set(str(tmp_path), 'megaface')
+        T.load_verification_set(str(tmp_path), 'megaface')
 
 
 def test_load_identity_folders(tmp_path):
     with pytest.raises(UserError, match='not found'):
-        E.load_identity_folders(str(tmp_path / 'nope'))
+        T.load_identity_folders(str(tmp_path / 'nope'))
     with pytest.raises(UserError, match='no identity folder'):
-        E.load_identity_folders(str(tmp_path))
+        T.load_identity_folders(str(tmp_path))
     for person, value in (('bob', 10), ('alice', 200)):
         (tmp_path / person).mkdir()
         for i in range(2):
             img = np.full((120, 100, 3), value + i, np.uint8)
             cv2.imwrite(str(tmp_path / person / f'{i}.jpg'), img)
     (tmp_path / 'empty').mkdir()
-    images, labels, names = E.load_identity_folders(str(tmp_path))
+    images, labels, names = T.load_identity_folders(str(tmp_path))
     assert names == ['alice', 'bob']
     np.testing.assert_array_equal(labels, [0, 0, 1, 1])
     assert images.shape == (4, 112, 112, 3)
     np.testing.assert_allclose(images[0], 200 / 255, atol=2 / 255)
     (tmp_path / 'bob' / '9.jpg').write_bytes(b'broken')
     with pytest.raises(UserError, match=r'9\.jpg: image 4 cannot be decoded'):
-        E.load_identity_folders(str(tmp_path))
+        T.load_identity_folders(str(tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------
