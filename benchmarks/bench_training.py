@@ -5,8 +5,9 @@ on one fixed batch (no tf.data, no strategy, no checkpoint: the "bare step") in 
 Keras 3 BatchNormalization, our fused BatchNormalization (the default), fused + XLA, fused under a
 mixed_bfloat16 policy, and that + XLA; next to a reference step of the same backbone built with
 tf-keras (whose BatchNormalization runs the fused kernel), when `tf_keras` is installed (dev extra).
-Then it runs `train_stage1` (the real trainer: tf.data, strategy, progress bar, logging) on a
-synthetic TFRecord and reports trainer / bare step. The same is done for the stage-2 step (IoM head
+Then, for every fused variant, it runs `train_stage1` (the real trainer: tf.data, strategy,
+progress bar, logging) with the matching `mixed_precision` / `jit_compile` keys on a synthetic
+TFRecord and reports trainer / bare step of the same variant. The same is done for the stage-2 step (IoM head
 on the frozen backbone) and the input pipeline alone. Variants are interleaved over `--repeats`
 rounds and the median is reported: the machine may be shared. Tracing and warm-up steps are left out
 of every figure.
@@ -163,16 +164,18 @@ def time_steps(step, inputs, steps, warmup):
     return steps * BATCH / (time.perf_counter() - start)
 
 
-def trainer_throughput(backbone, work, steps, warmup):
+def trainer_throughput(backbone, variant, work, steps, warmup):
     """images/s that train_stage1 reports for a run of warmup + steps steps (steady state)."""
     from modules.training import train_stage1
     from modules.utils import validate_config
-    name = f'trainer_{backbone}_{time.monotonic_ns()}'
+    name = f'trainer_{backbone}_{variant}_{time.monotonic_ns()}'
     cfg = validate_config(dict(
         batch_size=BATCH, backbone_type=backbone, head_type='ArcHead', use_pretrain=False,
         train_dataset=os.path.join(work, 'train.tfrecord'), binary_img=True, num_classes=CLASSES,
         num_samples=BATCH * 1000, epochs=1, base_lr=0.01, save_steps=100_000,
-        max_steps=warmup + steps, sub_name=name, test_dataset=work), 'bench')
+        max_steps=warmup + steps, sub_name=name, test_dataset=work,
+        mixed_precision='mixed_bfloat16' if 'bf16' in variant else None,
+        jit_compile='xla' in variant), 'bench')
     cwd = os.getcwd()
     os.chdir(work)
     try:
@@ -236,25 +239,33 @@ def main():
         variants = args.variants.split(',') + (['tf_keras'] if reference else [])
         built = {v: (build_tf_keras_reference(backbone) if v == 'tf_keras'
                      else build_stage1(backbone, v)) for v in variants}
-        rates = {v: [] for v in variants + ([] if args.no_trainer else ['trainer'])}
+        trained = [] if args.no_trainer else [v for v in variants if v.startswith('fused')]
+        rates = {v: [] for v in variants + [f'trainer_{v}' for v in trained]}
         for _ in range(args.repeats):
             for v in variants:
                 steps = args.xla_steps if 'xla' in v else args.steps
                 rates[v].append(time_steps(*built[v], steps, args.warmup))
-            if not args.no_trainer:
-                rates['trainer'].append(trainer_throughput(backbone, work, args.steps,
-                                                           args.warmup))
+                if v in trained:
+                    rates[f'trainer_{v}'].append(trainer_throughput(backbone, v, work, steps,
+                                                                    args.warmup))
         med = {v: statistics.median(r) for v, r in rates.items()}
         print(f'\n{backbone}: images/s (median)  [all rounds]')
         for v, value in med.items():
-            extra = ''
-            if v == 'trainer':
-                extra = f"   trainer / bare fused step = {value / med['fused']:.3f}"
+            if v.startswith('trainer_'):
+                bare = v[len('trainer_'):]
+                # Each round times the bare step and then the trainer back to back: the ratio of
+                # such a pair is less exposed to the machine's drift than a ratio of medians.
+                paired = statistics.median(t / b for t, b in zip(rates[v], rates[bare]))
+                extra = (f'   trainer / bare {bare} step = {value / med[bare]:.3f} '
+                         f'(median of per-round ratios {paired:.3f})')
             elif v != 'fused':
                 extra = f"   x{value / med['fused']:.2f} of fused"
-            print(f'  {v:16s} {value:8.1f}  [{", ".join(f"{r:.1f}" for r in rates[v])}]{extra}')
-        if 'tf_keras' in med and not args.no_trainer:
-            print(f"  trainer / tf-keras reference step = {med['trainer'] / med['tf_keras']:.3f}")
+            else:
+                extra = ''
+            print(f'  {v:22s} {value:8.1f}  [{", ".join(f"{r:.1f}" for r in rates[v])}]{extra}')
+        if 'tf_keras' in med and 'trainer_fused' in med:
+            print(f"  trainer_fused / tf-keras reference step = "
+                  f"{med['trainer_fused'] / med['tf_keras']:.3f}")
     stage2 = [v for v in args.variants.split(',') if not v.startswith('keras_bn')]
     built = {v: build_stage2(v) for v in stage2}
     rates = {v: [] for v in stage2}
