@@ -133,7 +133,8 @@ SCHEMA = {
     'code_balance_weight': Key(_NUM, 1.0, doc='weight of the code-balance loss'),
     'cache_embeddings': Key((bool,), False,
                             doc='stage 2: compute frozen-backbone embeddings once and train on them'),
-    'eval_steps': Key((int,), 0, doc='stage 2: evaluate every N steps (0: only at the end)'),
+    'eval_steps': Key((int,), 0, doc='stage 2: evaluate every N steps (0: never during training; '
+                   'test_twostage_iom.py evaluates afterwards)'),
     'bad_images': Key((str,), 'skip', ('skip', 'fail'),
                       doc='a training image that cannot be read or decoded: skip (leave it out and '
                           'count it) or fail (stop the run naming it)'),
