@@ -322,6 +322,12 @@ def test_cli_convert_then_check(tree, tmp_path):
     assert check.returncode == 0, check.stderr
     assert 'images (4, 112, 112, 3) float32' in check.stdout
     assert out.read_bytes()[:4] == b'\x89PNG'
+    full = subprocess.run(
+        [sys.executable, os.path.join(ROOT, 'dataset_checker.py'), f'--cfg_path={cfg}', '--full',
+         f'--report={tmp_path / "report.txt"}'],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert full.returncode == 0, full.stderr  # every record decodes: exit status 0
+    assert 'checked 9 images' in full.stdout and ': 0 bad' in full.stdout
     missing = subprocess.run(
         [sys.executable, os.path.join(ROOT, 'dataset_checker.py'),
          f'--cfg_path={tmp_path / "nope.yaml"}'],
