@@ -20,7 +20,7 @@ STAGE2 = dict(STAGE1, sub_name='s2', stage1_sub_name='s1', head_type='IoMHead', 
               classes_per_batch=8, samples_per_class=4, train_dataset='synthetic/train',
               cache_embeddings=True, loss_fun='batch_all_triplet_loss', triplet_margin=1.0, m=8,
               q=4, max_steps=300, base_lr=1.0, save_steps=150, eval_steps=0, T=16.0,
-              lr_schedule='constant', log_steps=1,
+              lr_schedule='constant', log_steps=1,  # one logged loss per step, counted below
               test_dataset_ytf='synthetic/retrieval')
 
 
