@@ -1,7 +1,7 @@
 """Stage 1: train the ArcFace backbone described by a YAML config."""
 from absl import app, flags
 
-from modules.utils import cli_guard, load_config, quiet_tensorflow
+from modules.utils import cli_guard, float16_without_onednn, load_config, quiet_tensorflow
 
 flags.DEFINE_string('cfg_path', './configs/arc_res50.yaml', 'config file path')
 flags.DEFINE_enum('mode', 'eager_tf', ['fit', 'eager_tf'],
@@ -14,6 +14,7 @@ FLAGS = flags.FLAGS
 def main(_):
     """Load the config and run the stage-1 training loop."""
     cfg = load_config(FLAGS.cfg_path)
+    float16_without_onednn(cfg)
     quiet_tensorflow()
     from modules.training import configure_devices, train_stage1
     configure_devices(FLAGS.gpu)

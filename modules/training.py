@@ -148,12 +148,21 @@ class RunState:
             directory = tempfile.mkdtemp(prefix='ckpt_worker_')
         self.manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=3)
         self.restored = self.manager.latest_checkpoint
+        # The step count is the trainer's own: optimizer.iterations stays put on the steps that
+        # dynamic loss scaling skips, so a mixed_float16 run resumed from it would repeat steps.
+        self.step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name='trainer_step')
+        saved = self.restored and {name.split('/')[0]
+                                   for name, _ in tf.train.list_variables(self.restored)}
+        if not self.restored or 'trainer_step' in saved:  # older checkpoints: the optimizer's
+            checkpoint.trainer_step = self.step_var
         if self.restored:
             checkpoint.restore(self.restored).assert_existing_objects_matched()
+            if 'trainer_step' not in saved:
+                self.step_var.assign(optimizer.iterations)
+                checkpoint.trainer_step = self.step_var
         self.writer = tf.summary.create_file_writer(log_dir(cfg) if self.chief else
                                                     tempfile.mkdtemp(prefix='logs_worker_'))
-        # Host-side step counter: reading optimizer.iterations every step would sync the device.
-        self.step = int(optimizer.iterations.numpy())
+        self.step = int(self.step_var.numpy())  # counted on the host, stored at save time
         self.checked_step = self.step  # last step whose losses are known to be finite
         self.finite = tf.Variable(True, trainable=False, name='all_losses_finite')
         self.bar = None
@@ -237,6 +246,7 @@ class RunState:
             return
         self._check()
         began = time.perf_counter()
+        self.step_var.assign(self.step)
         self.manager.save(checkpoint_number=self.step)
         if self.warm is not None:
             self.paused += time.perf_counter() - began
@@ -282,6 +292,11 @@ def train_stage1(cfg, mode='eager_tf', strategy=None):
                         'with data/convert_train_binary_tfrecord.py first)')
     bad_images = BadImages(cfg['bad_images'])
     strategy = strategy or get_strategy()  # first: multi-worker set-up must precede any TF op
+    if (cfg['mixed_precision'] == 'mixed_float16' and not tf.config.list_physical_devices('GPU')
+            and os.environ.get('TF_ENABLE_ONEDNN_OPTS') != '0'):
+        print('[*] Warning: mixed_float16 on a CPU with oneDNN on: its float16 gradients are about '
+              '15x slower than without it (train.py turns it off; or set TF_ENABLE_ONEDNN_OPTS=0 '
+              'before TensorFlow is imported). mixed_bfloat16 is the fast choice on CPUs.')
     if os.path.getsize(cfg['train_dataset']) <= SCAN_LIMIT_BYTES:
         scan_tfrecord(cfg['train_dataset'])  # a cut-short file fails now, not at step 0
     total_steps = stage1_total_steps(cfg)

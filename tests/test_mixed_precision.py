@@ -1,10 +1,11 @@
 """Mixed precision, loss scaling, warm-up schedules and the deferred (log_steps) NaN guard."""
 import math
+import os
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from test_training import tfrecord, write_cfg  # noqa: F401  (module fixture re-used)
+from test_training import ROOT, last_json, run_script, tfrecord, write_cfg  # noqa: F401
 
 from modules.training import (
     NonFiniteLoss,
@@ -100,6 +101,40 @@ def test_nan_inside_a_log_window_stops_before_the_next_checkpoint(tmp_path, monk
     assert saved == ['ckpt-10.index', 'ckpt-5.index']
 
 
+def test_step_count_survives_skipped_steps_and_older_checkpoints(tmp_path, monkeypatch):
+    """The trainer's step, not optimizer.iterations (which loss scaling holds back), is resumed."""
+    monkeypatch.chdir(tmp_path)
+    cfg = cfg_with(save_steps=4)
+
+    def run_state():
+        optimizer = tf.keras.optimizers.SGD(0.1)
+        optimizer.build([tf.Variable(0.0)])
+        return RunState(cfg, tf.train.Checkpoint(optimizer=optimizer), optimizer,
+                        tf.distribute.get_strategy(), 12, 8), optimizer
+
+    state, optimizer = run_state()
+    state.start()
+    for _ in range(4):  # four steps, none of them applied (as if each overflowed)
+        state.after_step(tf.constant(1.0))
+    state.close()
+    assert int(optimizer.iterations.numpy()) == 0
+    assert run_state()[0].step == 4
+    # A checkpoint of an earlier version (no trainer_step) resumes at the optimizer's count.
+    older = tf.keras.optimizers.SGD(0.1)
+    older.build([tf.Variable(0.0)])
+    older.iterations.assign(6)
+    tf.train.CheckpointManager(tf.train.Checkpoint(optimizer=older),
+                               tmp_path / 'checkpoints' / 'mp', 3).save(checkpoint_number=6)
+    state, _ = run_state()
+    assert state.step == 6
+    state.start()
+    state.after_step(tf.constant(1.0))
+    state.save()  # from now on the trainer's own count is stored
+    state.close()
+    assert 'trainer_step/.ATTRIBUTES/VARIABLE_VALUE' in dict(
+        tf.train.list_variables(state.manager.latest_checkpoint))
+
+
 def read_scalars(logdir, tag):
     """(step, value) pairs of a TensorBoard scalar."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -109,28 +144,36 @@ def read_scalars(logdir, tag):
 
 
 @pytest.mark.parametrize('policy', ['mixed_bfloat16', 'mixed_float16'])
-def test_thirty_half_precision_steps_lower_the_loss(tmp_path, tfrecord, monkeypatch,  # noqa: F811
-                                                    policy):
-    monkeypatch.chdir(tmp_path)
-    cfg = load_config(write_cfg(tmp_path, tfrecord, mixed_precision=policy, max_steps=30,
-                                save_steps=15, log_steps=3, embd_shape=32, base_lr=0.05))
-    out = train_stage1(cfg)
+def test_thirty_half_precision_steps_lower_the_loss(tmp_path, tfrecord, policy):  # noqa: F811
+    """30 steps through train.py: finite, falling loss; float16 also resumes with its loss scale.
+
+    train.py turns oneDNN off for mixed_float16 (its float16 filter gradients are emulated on
+    CPUs: about 7 s a step here instead of 0.5 s), so this runs as a user's float16 run would.
+    """
+    def train(max_steps):
+        path = write_cfg(tmp_path, tfrecord, mixed_precision=policy, max_steps=max_steps,
+                         save_steps=15, log_steps=3, embd_shape=32, base_lr=0.05)
+        env = {k: v for k, v in os.environ.items() if k != 'TF_ENABLE_ONEDNN_OPTS'}
+        proc = run_script(['--cfg_path', path], cwd=tmp_path, env=dict(env, PYTHONPATH=ROOT))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert ('oneDNN is off' in proc.stdout) == (policy == 'mixed_float16'), proc.stdout
+        return last_json(proc.stdout), proc.stdout
+
+    out, _ = train(30)
     assert out['step'] == 30
+    checkpoint = str(tmp_path / out['checkpoint'])  # train.py ran in tmp_path
     losses = [v for _, v in read_scalars(tmp_path / 'logs' / 't', 'loss/total')]
     assert len(losses) == 10 and all(math.isfinite(v) for v in losses)
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
-    names = [name for name, _ in tf.train.list_variables(out['checkpoint'])]
+    names = [name for name, _ in tf.train.list_variables(checkpoint)]
     if policy == 'mixed_float16':
-        assert any('dynamic_scale' in name for name in names)
+        scale = next(n for n in names if 'dynamic_scale' in n)
+        value = tf.train.load_variable(checkpoint, scale)
+        assert np.isfinite(value) and value > 0
         # Resume: RunState restores with assert_existing_objects_matched, so the loss scale
         # (part of the optimizer) must come back from the checkpoint for this to pass.
-        again = train_stage1(load_config(write_cfg(tmp_path, tfrecord, mixed_precision=policy,
-                                                   max_steps=33, save_steps=15, log_steps=3,
-                                                   embd_shape=32, base_lr=0.05)))
-        assert again['step'] == 33
-        before = tf.train.load_variable(out['checkpoint'], next(
-            n for n in names if 'dynamic_scale' in n))
-        assert np.isfinite(before) and before > 0
+        again, stdout = train(31)
+        assert again['step'] == 31 and 'at step 30' in stdout, stdout
 
 
 def test_fit_mode_scales_the_loss_under_mixed_float16(tmp_path, tfrecord, monkeypatch):  # noqa: F811

@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE1 = dict(batch_size=64, eval_batch_size=64, sub_name='s1', backbone_type='MobileNetV2',
               head_type='ArcHead', margin=0.3, logist_scale=32, use_pretrain=False, embd_shape=64,
               train_dataset='synthetic/train_bin.tfrecord', binary_img=True, num_classes=60,
-              num_samples=60 * 8, epochs=100, max_steps=150, base_lr=0.05, save_steps=150,
+              num_samples=60 * 8, epochs=100, max_steps=100, base_lr=0.05, save_steps=100,
               lr_schedule='cosine',
               test_dataset='synthetic/test_dataset')
 STAGE2 = dict(STAGE1, sub_name='s2', stage1_sub_name='s1', head_type='IoMHead', batch_size=32,
@@ -56,8 +56,14 @@ def workdir(tmp_path_factory):
     return work
 
 
-def test_stage1_evaluation_prints_table_and_writes_report(workdir):
-    out = script('test.py', '--cfg_path', 's1.yaml', cwd=workdir)
+@pytest.fixture(scope='module')
+def stage1_report(workdir):
+    """What test.py prints for the stage-1 model on the bcolz copy of the verification sets."""
+    return script('test.py', '--cfg_path', 's1.yaml', cwd=workdir)
+
+
+def test_stage1_evaluation_prints_table_and_writes_report(workdir, stage1_report):
+    out = stage1_report
     assert '| Accuracy' in out and 'LFW' in out
     with open(workdir / 'logs' / 's1' / 'arcface_results.json') as fh:
         results = json.load(fh)
@@ -66,12 +72,12 @@ def test_stage1_evaluation_prints_table_and_writes_report(workdir):
     assert (workdir / 'logs' / 's1' / 'arcface_lfw.png').stat().st_size > 1000
 
 
-def test_insightface_bin_layout_gives_the_same_table(workdir):
+def test_insightface_bin_layout_gives_the_same_table(workdir, stage1_report):
     """The .bin copy of the sets (JPEG bytes) evaluates like the bcolz copy (decoded floats)."""
     cfg = dict(STAGE1, test_dataset='synthetic/test_dataset_bin', sub_name='s1')
     (workdir / 's1_bin.yaml').write_text(yaml.safe_dump(cfg))
     out_bin = script('test.py', '--cfg_path', 's1_bin.yaml', cwd=workdir)
-    out_bcolz = script('test.py', '--cfg_path', 's1.yaml', cwd=workdir)
+    out_bcolz = stage1_report
     table = [line for line in out_bin.splitlines() if line.startswith('| AUC')]
     assert table and table == [line for line in out_bcolz.splitlines() if line.startswith('| AUC')]
 
