@@ -19,8 +19,10 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 quickstart: $(VENV)/.runtime
 	$(PY) quickstart.py
 
+# Two worker processes, one test file each at a time (module fixtures are built once): the
+# suite is bound by TensorFlow's start-up and tracing as much as by arithmetic.
 test: $(VENV)/.dev
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .
