@@ -151,15 +151,15 @@ class RunState:
         # The step count is the trainer's own: optimizer.iterations stays put on the steps that
         # dynamic loss scaling skips, so a mixed_float16 run resumed from it would repeat steps.
         self.step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name='trainer_step')
-        saved = self.restored and {name.split('/')[0]
-                                   for name, _ in tf.train.list_variables(self.restored)}
-        if not self.restored or 'trainer_step' in saved:  # older checkpoints: the optimizer's
+        older = bool(self.restored) and 'trainer_step' not in {
+            name.split('/')[0] for name, _ in tf.train.list_variables(self.restored)}
+        if not older:  # a checkpoint without the variable would fail the restore's assertion
             checkpoint.trainer_step = self.step_var
         if self.restored:
             checkpoint.restore(self.restored).assert_existing_objects_matched()
-            if 'trainer_step' not in saved:
-                self.step_var.assign(optimizer.iterations)
-                checkpoint.trainer_step = self.step_var
+        if older:  # written before the trainer kept its own count: take the optimizer's
+            self.step_var.assign(optimizer.iterations)
+            checkpoint.trainer_step = self.step_var
         self.writer = tf.summary.create_file_writer(log_dir(cfg) if self.chief else
                                                     tempfile.mkdtemp(prefix='logs_worker_'))
         self.step = int(self.step_var.numpy())  # counted on the host, stored at save time
