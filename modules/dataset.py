@@ -34,6 +34,7 @@ _DEFAULT_EXTS = ('.jpg', '.jpeg', '.png', '.bmp')
 # Formats both OpenCV (used to vet images) and tf.io.decode_image (used in training) understand.
 _MAGIC = (b'\xff\xd8', b'\x89PNG', b'BM')
 _CHUNK = 512
+_DECODE_CHUNK = 16  # images per guarded decode call (see _guarded_each)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,32 +218,52 @@ def _decode(encoded):
     return tf.image.convert_image_dtype(image, tf.float32)  # uint8 -> [0, 1]
 
 
-def _guarded(fn, arg, fallback):
-    """(fn(arg), True), or (fallback, False) if fn fails: a validity flag computed in the graph.
+def _guarded_each(fn, elements, spec):
+    """fn over each element of `elements` (tensors sharing a leading size n): (outputs, ok [n]).
 
-    A one-element dataset with ignore_errors turns the op's error into "no element"; the fallback
-    fills in. Unlike ignore_errors on the training pipeline itself, this keeps the failed element
-    (so it can be counted and named) and runs in TensorFlow's threads, without Python.
+    fn returns a tensor of TensorSpec `spec`; where it fails (an unreadable or undecodable image),
+    ok is False and the output zeros. A dataset over the n elements with ignore_errors keeps the
+    ones fn got through, with their positions, so failures are found in the graph, without Python
+    and without ending the pipeline. One such dataset per chunk of images, not per image: setting
+    it up costs about as much as decoding a 112x112 JPEG.
     """
     import tensorflow as tf
 
-    attempt = tf.data.Dataset.from_tensors(arg).map(lambda a: (fn(a), True)).ignore_errors()
-    fallback = tf.data.Dataset.from_tensors((fallback, False))
-    return attempt.concatenate(fallback).take(1).get_single_element()
+    count = tf.shape(tf.nest.flatten(elements)[0])[0]
+    attempt = tf.data.Dataset.from_tensor_slices((tf.range(count), elements)).map(
+        lambda i, args: (i, fn(*args) if isinstance(args, tuple) else fn(args))).ignore_errors()
+    nothing = tf.data.Dataset.from_tensors((tf.zeros([0], tf.int32),
+                                            tf.zeros([0, *spec.shape], spec.dtype)))
+    done, outputs = attempt.batch(tf.cast(count, tf.int64)).concatenate(nothing) \
+        .take(1).get_single_element()
+    where = done[:, None]
+    return (tf.scatter_nd(where, outputs, [count, *spec.shape]),
+            tf.scatter_nd(where, tf.ones_like(done, tf.bool), [count]))
 
 
-def _decode_checked(encoded):
-    """Decoded [0, 1] image and a validity flag (False: not an image, corrupt, truncated, empty)."""
+def _image_loader(augment, is_ccrop, from_path):
+    """fn(encoded bytes or path, seed) -> (112, 112, 3) training image, for `_guarded_each`."""
     import tensorflow as tf
 
-    return _guarded(_decode, encoded, tf.zeros((1, 1, 3)))
+    def load(source, seed=None):
+        encoded = tf.io.read_file(source) if from_path else source
+        return _transform(_decode(encoded), seed, augment, is_ccrop)
+    return load
 
 
-def _read_decode_checked(path):
-    """Image read from `path` and a validity flag (False: missing, unreadable or undecodable)."""
+def _image_spec():
     import tensorflow as tf
 
-    return _guarded(lambda p: _decode(tf.io.read_file(p)), path, tf.zeros((1, 1, 3)))
+    return tf.TensorSpec((IMAGE_SIZE, IMAGE_SIZE, 3), tf.float32)
+
+
+def _decodable(sources, from_path):
+    """ok [n] of a batch of encoded images or paths: can each be read and decoded?"""
+    import tensorflow as tf
+
+    def size(source):
+        return tf.size(_decode(tf.io.read_file(source) if from_path else source))
+    return _guarded_each(size, sources, tf.TensorSpec((), tf.int32))[1]
 
 
 class BadImageError(UserError):
@@ -312,19 +333,30 @@ class BadImages:
         return {'bad_images': self.count, 'bad_image_examples': self.examples}
 
 
-def _drop_bad(dataset, bad_images):
-    """Filter (image, label, ok, name, path) elements to (image, label), recording the bad ones."""
+def _reported(bad_images, ok, names, paths):
+    """True once the images where `ok` is False are recorded in `bad_images` (Python only then)."""
     import tensorflow as tf
 
-    def report(name, path):
-        bad_images.record(name.numpy(), path.numpy())
-        return False
+    def report(ok, names, paths):
+        ok = ok.numpy()
+        for name, path in zip(names.numpy()[~ok], paths.numpy()[~ok]):
+            bad_images.record(name, path)
+        return True
 
-    def keep(image, label, ok, name, path):
-        return tf.cond(ok, lambda: tf.constant(True),
-                       lambda: tf.ensure_shape(tf.py_function(report, [name, path], tf.bool), []))
+    return tf.cond(tf.reduce_all(ok), lambda: tf.constant(True), lambda: tf.ensure_shape(
+        tf.py_function(report, [ok, names, paths], tf.bool), []))
 
-    return dataset.filter(keep).map(lambda image, label, ok, name, path: (image, label))
+
+def _drop_bad(dataset, bad_images):
+    """Chunks of (images, labels, ok, names, paths) to (image, label) elements of the good ones;
+    the bad ones are recorded in `bad_images`."""
+    import tensorflow as tf
+
+    def keep(images, labels, ok, names, paths):
+        ok = tf.logical_and(ok, _reported(bad_images, ok, names, paths))
+        return tf.boolean_mask(images, ok), tf.boolean_mask(labels, ok)
+
+    return dataset.map(keep).unbatch()
 
 
 def _transform(image, seed, augment, is_ccrop):
@@ -367,23 +399,24 @@ def image_file_dataset(paths, batch_size, is_ccrop=False, with_validity=False):
     """
     import tensorflow as tf
 
-    def load(path):
-        if with_validity:
-            image, ok = _read_decode_checked(path)
-            return _transform(image, None, False, is_ccrop), ok
-        return _transform(_decode(tf.io.read_file(path)), None, False, is_ccrop)
-
+    load = _image_loader(False, is_ccrop, from_path=True)
     dataset = tf.data.Dataset.from_tensor_slices(list(paths))
-    dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if with_validity:
+        dataset = dataset.batch(_DECODE_CHUNK).map(
+            lambda chunk: _guarded_each(load, chunk, _image_spec()),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
+    else:
+        dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def _with_seeds(dataset, seed):
-    """Pair every element with its own [2] int64 seed for the stateless augmentations."""
+def _with_seeds(batches, seed, size):
+    """Pair every batch of (up to) `size` elements with [size, 2] int64 seeds, one per image for
+    the stateless augmentations (the seed stream is the same whatever the batch size)."""
     import tensorflow as tf
 
-    seeds = tf.data.Dataset.random(seed=seed).batch(2, drop_remainder=True)
-    return tf.data.Dataset.zip((dataset, seeds))
+    seeds = tf.data.Dataset.random(seed=seed).batch(2 * size, drop_remainder=True)
+    return tf.data.Dataset.zip((batches, seeds.map(lambda s: tf.reshape(s, (size, 2)))))
 
 
 def _require_file(path):
@@ -498,28 +531,31 @@ def load_tfrecord_dataset(tfrecord_path, batch_size, binary_img=True, is_ccrop=F
         features = {'image/source_id': tf.io.FixedLenFeature([], tf.int64),
                     'image/img_path': tf.io.FixedLenFeature([], tf.string)}
 
-    def parse(index, record, image_seed):
-        parsed = tf.io.parse_single_example(record, features)
+    load = _image_loader(augment, is_ccrop, from_path=not binary_img)
+
+    def parse(records, seeds):
+        index, record = records
+        seeds = seeds[:tf.shape(record)[0]]  # the last chunk of a single pass may be short
+        parsed = tf.io.parse_example(record, features)
         where = tf.strings.join([tfrecord_path, ' record ', tf.strings.as_string(index)])
         if binary_img:
-            image, ok = _decode_checked(parsed['image/encoded'])
-            name = tf.strings.join([where, ' (', parsed['image/filename'], ')'])
-            path = tf.constant(b'')
+            images, ok = _guarded_each(load, (parsed['image/encoded'], seeds), _image_spec())
+            names = tf.strings.join([where, ' (', parsed['image/filename'], ')'])
+            paths = tf.zeros_like(names)
         else:
-            path = parsed['image/img_path']
-            image, ok = _read_decode_checked(path)
-            name = tf.strings.join([path, ' (', where, ')'])
-        image = _transform(image, image_seed, augment, is_ccrop)
-        return image, tf.cast(parsed['image/source_id'], tf.int64), ok, name, path
+            paths = parsed['image/img_path']
+            images, ok = _guarded_each(load, (paths, seeds), _image_spec())
+            names = tf.strings.join([paths, ' (', where, ')'])
+        return images, parsed['image/source_id'], ok, names, paths
 
     dataset = tf.data.TFRecordDataset(tfrecord_path).enumerate()
     if shuffle:
         dataset = dataset.shuffle(buffer_size, seed=seed, reshuffle_each_iteration=True)
     if repeat:
         dataset = dataset.repeat()
-    dataset = _with_seeds(dataset, seed)
-    dataset = dataset.map(lambda pair, image_seed: parse(*pair, image_seed),
-                          num_parallel_calls=tf.data.AUTOTUNE,
+    # Records are parsed and decoded a chunk at a time (see _guarded_each), in parallel.
+    dataset = _with_seeds(dataset.batch(_DECODE_CHUNK), seed, _DECODE_CHUNK)
+    dataset = dataset.map(parse, num_parallel_calls=tf.data.AUTOTUNE,
                           deterministic=(seed is not None) or not shuffle)
     dataset = _drop_bad(dataset, bad_images).batch(batch_size, drop_remainder=True)
     return dataset.prefetch(tf.data.AUTOTUNE)
@@ -633,35 +669,24 @@ def load_pk_dataset(root, classes_per_batch, samples_per_class, img_ext='jpg', i
     prefix = os.fsencode(folders.root) + os.fsencode(os.sep)
     bad_images = BadImages() if bad_images is None else bad_images
 
-    def load(rel_path, label, image_seed):
-        path = tf.strings.join([prefix, rel_path])
-        image, ok = _read_decode_checked(path)
-        return _transform(image, image_seed, augment, is_ccrop), label, ok, path
+    load = _image_loader(augment, is_ccrop, from_path=True)
 
-    def report(paths, ok):
-        for path in paths.numpy()[~ok.numpy()]:
-            bad_images.record(path, path)
-        return True
-
-    def replace_bad(images, labels, ok, paths):
-        reported = tf.cond(tf.reduce_all(ok), lambda: tf.constant(True),
-                           lambda: tf.ensure_shape(tf.py_function(report, [paths, ok], tf.bool), []))
-        ok = tf.reshape(ok, (p, k))
+    def load_batch(pair, seeds):
+        rel_paths, labels = pair
+        paths = tf.strings.join([prefix, rel_paths])
+        images, ok = _guarded_each(load, (paths, seeds), _image_spec())
+        ok_rows = tf.reshape(tf.logical_and(ok, _reported(bad_images, ok, paths, paths)), (p, k))
         # Identity-major layout: a bad slot takes the first good image of its own row.
-        first_good = tf.argmax(tf.cast(ok, tf.int32), axis=1, output_type=tf.int32)
+        first_good = tf.argmax(tf.cast(ok_rows, tf.int32), axis=1, output_type=tf.int32)
         own = tf.reshape(tf.range(p * k), (p, k))
-        source = tf.where(ok, own, (tf.range(p) * k + first_good)[:, None])
-        usable = tf.logical_and(reported, tf.reduce_all(tf.reduce_any(ok, axis=1)))
+        source = tf.where(ok_rows, own, (tf.range(p) * k + first_good)[:, None])
+        usable = tf.reduce_all(tf.reduce_any(ok_rows, axis=1))
         return tf.gather(images, tf.reshape(source, [-1])), labels, usable
 
     spec = (tf.TensorSpec((p * k,), tf.string), tf.TensorSpec((p * k,), tf.int64))
-    dataset = tf.data.Dataset.from_generator(batches, output_signature=spec).unbatch()
-    dataset = _with_seeds(dataset, seed).map(lambda pair, s: load(*pair, s),
-                                             num_parallel_calls=tf.data.AUTOTUNE,
-                                             deterministic=True)
-    # Every generated batch holds exactly P*K elements and the map keeps order (deterministic),
-    # so re-batching restores the PK batch boundaries.
-    dataset = dataset.batch(p * k, drop_remainder=True).map(replace_bad)
+    dataset = _with_seeds(tf.data.Dataset.from_generator(batches, output_signature=spec),
+                          seed, p * k)
+    dataset = dataset.map(load_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     dataset = dataset.filter(lambda images, labels, usable: usable)
     dataset = dataset.map(lambda images, labels, usable: (images, labels))
     return dataset.prefetch(tf.data.AUTOTUNE), folders.num_identities, folders.num_images, steps

@@ -12,8 +12,7 @@ from modules.dataset import (
     BadImages,
     _bad_reason,
     _check_tfrecord_flavour,
-    _decode_checked,
-    _read_decode_checked,
+    _decodable,
     _read_records,
     _require_file,
     list_identity_folders,
@@ -129,13 +128,12 @@ def full_check(cfg, report_path='logs/dataset_full_check.txt', batch_size=256):
         folders = list_identity_folders(source, cfg.get('img_ext'))
         paths = [folders.path(i) for i in range(folders.num_images)]
 
-        def check_file(path):
-            return _read_decode_checked(path)[1], path, path
+        def check_files(paths):
+            return _decodable(paths, from_path=True), paths, paths
 
-        dataset = tf.data.Dataset.from_tensor_slices(paths).map(
-            check_file, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-        checked, bad = _scan_flags(dataset.batch(batch_size).prefetch(2), len(paths),
-                                   'check images')
+        dataset = tf.data.Dataset.from_tensor_slices(paths).batch(batch_size).map(
+            check_files, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+        checked, bad = _scan_flags(dataset.prefetch(2), len(paths), 'check images')
     else:
         binary_img = cfg.get('binary_img', True)
         _require_file(source)
@@ -147,23 +145,24 @@ def full_check(cfg, report_path='logs/dataset_full_check.txt', batch_size=256):
                     'image/filename': tf.io.FixedLenFeature([], tf.string, default_value=''),
                     'image/img_path': tf.io.FixedLenFeature([], tf.string, default_value='')}
 
-        def check_record(index, record):
-            parsed = tf.io.parse_single_example(record, features)
+        def check_records(index, records):
+            parsed = tf.io.parse_example(records, features)
             where = tf.strings.join([source, ' record ', tf.strings.as_string(index)])
             if binary_img:
-                ok = _decode_checked(parsed['image/encoded'])[1]
-                return ok, tf.strings.join([where, ' (', parsed['image/filename'], ')']), b''
-            path = parsed['image/img_path']
-            return _read_decode_checked(path)[1], tf.strings.join([path, ' (', where, ')']), path
+                names = tf.strings.join([where, ' (', parsed['image/filename'], ')'])
+                return (_decodable(parsed['image/encoded'], from_path=False), names,
+                        tf.zeros_like(names))
+            paths = parsed['image/img_path']
+            return (_decodable(paths, from_path=True),
+                    tf.strings.join([paths, ' (', where, ')']), paths)
 
         dataset = tf.data.TFRecordDataset(source).enumerate()
         if damage is not None:  # check the records before the damage, then report it
             dataset = dataset.take(total)
-        dataset = dataset.map(check_record, num_parallel_calls=tf.data.AUTOTUNE,
-                              deterministic=False)
+        dataset = dataset.batch(batch_size).map(check_records, num_parallel_calls=tf.data.AUTOTUNE,
+                                                deterministic=False)
         try:
-            checked, bad = _scan_flags(dataset.batch(batch_size).prefetch(2), total,
-                                       'check records')
+            checked, bad = _scan_flags(dataset.prefetch(2), total, 'check records')
         except tf.errors.DataLossError as err:  # a file above SCAN_LIMIT_BYTES, met while reading
             raise tfrecord_read_error(source, err) from None
         if damage is not None:
