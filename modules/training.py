@@ -410,7 +410,8 @@ def _stage1_fit(model, optimizer, softmax_loss, dataset, strategy, state):
     data = dataset.map(lambda x, y: ((x, y), y))
     callback = _RunStateCallback(state)
     model.fit(data, epochs=math.ceil(state.total_steps / chunk), initial_epoch=state.step // chunk,
-              steps_per_epoch=chunk, callbacks=[callback], verbose=0)
+              steps_per_epoch=chunk, callbacks=[callback], verbose=0,
+              shuffle=False)  # the dataset shuffles itself; Keras would only warn
     if callback.error is not None:
         raise callback.error
 
