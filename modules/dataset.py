@@ -211,24 +211,28 @@ def count_tfrecord(tfrecord_path):
 
 # ---------------------------------------------------------------------------------------------
 # Image decoding and augmentation (shared by both stages)
-def _decode(encoded):
+def _read_decode(source, from_path):
+    """Decoded [0, 1] RGB image from encoded bytes, or from the file at path `source`."""
     import tensorflow as tf
 
+    encoded = tf.io.read_file(source) if from_path else source
     image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
     return tf.image.convert_image_dtype(image, tf.float32)  # uint8 -> [0, 1]
 
 
-def _guarded_each(fn, elements, spec):
+def _guarded_each(fn, elements, spec=None):
     """fn over each element of `elements` (tensors sharing a leading size n): (outputs, ok [n]).
 
-    fn returns a tensor of TensorSpec `spec`; where it fails (an unreadable or undecodable image),
-    ok is False and the output zeros. A dataset over the n elements with ignore_errors keeps the
-    ones fn got through, with their positions, so failures are found in the graph, without Python
-    and without ending the pipeline. One such dataset per chunk of images, not per image: setting
-    it up costs about as much as decoding a 112x112 JPEG.
+    fn returns a tensor of TensorSpec `spec` (default: a (112, 112, 3) float32 image); where it
+    fails (an unreadable or undecodable image), ok is False and the output zeros. A dataset over
+    the n elements with ignore_errors keeps the ones fn got through, with their positions, so
+    failures are found in the graph, without Python and without ending the pipeline. One such
+    dataset per chunk of images, not per image: setting it up costs about as much as decoding a
+    112x112 JPEG.
     """
     import tensorflow as tf
 
+    spec = spec or tf.TensorSpec((IMAGE_SIZE, IMAGE_SIZE, 3), tf.float32)
     count = tf.shape(tf.nest.flatten(elements)[0])[0]
     attempt = tf.data.Dataset.from_tensor_slices((tf.range(count), elements)).map(
         lambda i, args: (i, fn(*args) if isinstance(args, tuple) else fn(args))).ignore_errors()
@@ -243,27 +247,17 @@ def _guarded_each(fn, elements, spec):
 
 def _image_loader(augment, is_ccrop, from_path):
     """fn(encoded bytes or path, seed) -> (112, 112, 3) training image, for `_guarded_each`."""
-    import tensorflow as tf
-
     def load(source, seed=None):
-        encoded = tf.io.read_file(source) if from_path else source
-        return _transform(_decode(encoded), seed, augment, is_ccrop)
+        return _transform(_read_decode(source, from_path), seed, augment, is_ccrop)
     return load
-
-
-def _image_spec():
-    import tensorflow as tf
-
-    return tf.TensorSpec((IMAGE_SIZE, IMAGE_SIZE, 3), tf.float32)
 
 
 def _decodable(sources, from_path):
     """ok [n] of a batch of encoded images or paths: can each be read and decoded?"""
     import tensorflow as tf
 
-    def size(source):
-        return tf.size(_decode(tf.io.read_file(source) if from_path else source))
-    return _guarded_each(size, sources, tf.TensorSpec((), tf.int32))[1]
+    return _guarded_each(lambda source: tf.size(_read_decode(source, from_path)), sources,
+                         tf.TensorSpec((), tf.int32))[1]
 
 
 class BadImageError(UserError):
@@ -403,7 +397,7 @@ def image_file_dataset(paths, batch_size, is_ccrop=False, with_validity=False):
     dataset = tf.data.Dataset.from_tensor_slices(list(paths))
     if with_validity:
         dataset = dataset.batch(_DECODE_CHUNK).map(
-            lambda chunk: _guarded_each(load, chunk, _image_spec()),
+            lambda chunk: _guarded_each(load, chunk),
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
     else:
         dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -539,12 +533,12 @@ def load_tfrecord_dataset(tfrecord_path, batch_size, binary_img=True, is_ccrop=F
         parsed = tf.io.parse_example(record, features)
         where = tf.strings.join([tfrecord_path, ' record ', tf.strings.as_string(index)])
         if binary_img:
-            images, ok = _guarded_each(load, (parsed['image/encoded'], seeds), _image_spec())
+            images, ok = _guarded_each(load, (parsed['image/encoded'], seeds))
             names = tf.strings.join([where, ' (', parsed['image/filename'], ')'])
             paths = tf.zeros_like(names)
         else:
             paths = parsed['image/img_path']
-            images, ok = _guarded_each(load, (paths, seeds), _image_spec())
+            images, ok = _guarded_each(load, (paths, seeds))
             names = tf.strings.join([paths, ' (', where, ')'])
         return images, parsed['image/source_id'], ok, names, paths
 
@@ -674,7 +668,7 @@ def load_pk_dataset(root, classes_per_batch, samples_per_class, img_ext='jpg', i
     def load_batch(pair, seeds):
         rel_paths, labels = pair
         paths = tf.strings.join([prefix, rel_paths])
-        images, ok = _guarded_each(load, (paths, seeds), _image_spec())
+        images, ok = _guarded_each(load, (paths, seeds))
         ok_rows = tf.reshape(tf.logical_and(ok, _reported(bad_images, ok, paths, paths)), (p, k))
         # Identity-major layout: a bad slot takes the first good image of its own row.
         first_good = tf.argmax(tf.cast(ok_rows, tf.int32), axis=1, output_type=tf.int32)

@@ -224,19 +224,20 @@ def test_pk_batch_keeps_its_shape_when_an_image_is_bad(data, tmp_path):
     # Bad slots hold another image of the same identity, never the all-zero placeholder.
     assert float(images.numpy().reshape(24, -1).max(axis=1).min()) > 0
 
+
 def test_guarded_decode_flags_each_image_of_a_chunk(tmp_path):
     """Bad images anywhere in a chunk, or a chunk of bad images only, are flagged and zeroed."""
     import cv2
     import numpy as np
     import tensorflow as tf
 
-    from modules.dataset import _guarded_each, _image_loader, _image_spec
+    from modules.dataset import _guarded_each, _image_loader
     good, garbage, empty = tmp_path / 'good.jpg', tmp_path / 'garbage.jpg', tmp_path / 'empty.jpg'
     cv2.imwrite(str(good), np.full((112, 112, 3), 200, np.uint8))
     garbage.write_bytes(b'\xff\xd8 not a jpeg')
     empty.write_bytes(b'')
     run = tf.function(lambda paths: _guarded_each(_image_loader(False, False, from_path=True),
-                                                  paths, _image_spec()))
+                                                  paths))
     names = [garbage, good, tmp_path / 'missing.jpg', good, empty]
     images, ok = (t.numpy() for t in run(tf.constant([str(n) for n in names])))
     assert ok.tolist() == [False, True, False, True, False]
@@ -244,7 +245,6 @@ def test_guarded_decode_flags_each_image_of_a_chunk(tmp_path):
     np.testing.assert_allclose(images[ok], 200 / 255, atol=0.01)
     images, ok = run(tf.constant([str(garbage), str(empty)]))
     assert images.shape == (2, 112, 112, 3) and not ok.numpy().any() and not images.numpy().any()
-
 
 
 # ---------------------------------------------------------------------------------------------
