@@ -281,6 +281,7 @@ def test_dataset_checker_full_cli_on_a_cut_short_file(data, tmp_path):
     last = (tmp_path / 'report.txt').read_text().splitlines()[-1]
     assert last.startswith(f"{data / 'cut_online.tfrecord'} record {readable}\ttruncated record "
                            'at byte offset ') and 're-run data/convert_train' in last
+    assert last.count(f'record {readable}') == 1, last  # the record is named once
 
 
 def test_native_log_filter_drops_start_up_noise_and_keeps_real_errors():
