@@ -451,17 +451,25 @@ _CONVERT_HINT = ('re-run data/convert_train_binary_tfrecord.py (or data/convert_
 SCAN_LIMIT_BYTES = 1 << 30
 
 
+class TFRecordDamaged(UserError):
+    """A TFRecord cut short or damaged; `reason` says how, without naming the file or record."""
+
+    def __init__(self, tfrecord_path, what, record_index=None):
+        damage = f'the file is cut short or damaged; {_CONVERT_HINT}'
+        self.reason = f'{what}: {damage}'
+        where = f' (record {record_index})' if record_index is not None else ''
+        super().__init__(f'{tfrecord_path}: {what}{where}: {damage}')
+
+
 def tfrecord_read_error(tfrecord_path, err, record_index=None):
-    """A UserError for a TFRecord read failure (truncated / corrupt): file, offset, record, hint."""
+    """A TFRecordDamaged for a TFRecord read failure (truncated / corrupt): file, offset, record."""
     message = err.message if hasattr(err, 'message') else str(err)
     found = re.search(r'(truncated|corrupted) record at (\d+)', message)
     if found:
         what = f'{found.group(1)} record at byte offset {found.group(2)}'
     else:
         what = f"unreadable ({message.strip().splitlines()[0] if message.strip() else 'data loss'})"
-    where = f' (record {record_index})' if record_index is not None else ''
-    return UserError(f'{tfrecord_path}: {what}{where}: the file is cut short or damaged; '
-                     + _CONVERT_HINT)
+    return TFRecordDamaged(tfrecord_path, what, record_index)
 
 
 def _read_records(tfrecord_path):

@@ -166,8 +166,7 @@ def full_check(cfg, report_path='logs/dataset_full_check.txt', batch_size=256):
         except tf.errors.DataLossError as err:  # a file above SCAN_LIMIT_BYTES, met while reading
             raise tfrecord_read_error(source, err) from None
         if damage is not None:
-            name = f'{source} record {total}'  # the message names it too: once is enough
-            bad.append((name, str(damage).split(': ', 1)[1].replace(f' (record {total})', '', 1)))
+            bad.append((f'{source} record {total}', damage.reason))
     with atomic_output(report_path, 'w') as fh:
         fh.write(f'# {len(bad)} bad of {checked} images in {source}\n')
         fh.writelines(f'{name}\t{reason}\n' for name, reason in sorted(bad))
