@@ -1,8 +1,10 @@
-"""Template-protection evidence for a stage-2 IoM model: unlinkability, revocability, EER.
+"""Template-protection evidence for a stage-2 IoM model: unlinkability, revocability, EER, attacks.
 
 The backbone embeddings of one verification set are computed once; the IoM layers then hash them
 under several random permutation keys (and without permutation). Prints a table and writes
-logs/<sub_name>/protection_<set>.json and unlinkability_<set>.png.
+logs/<sub_name>/protection_<set>.json and unlinkability_<set>.png. With --attacks it also runs
+the stolen-key attacks of modules/attacks.py and writes protection_attacks.json and
+protection_attacks.png (Hamming-distance histograms after re-keying).
 """
 import json
 import os
@@ -26,6 +28,13 @@ flags.DEFINE_enum('set', 'lfw', ['lfw', 'agedb_30', 'cfp_fp'], 'verification set
 flags.DEFINE_integer('num_keys', 5, 'random permutation keys to hash under (at least 2)')
 flags.DEFINE_integer('seed', 0, 'seed of the random keys')
 flags.DEFINE_integer('bins', 100, 'histogram bins for the score densities')
+flags.DEFINE_integer('zero_effort', 2000, 'random embeddings (real norms, random directions) '
+                     'tried against every enrolled code for the zero-effort rate')
+flags.DEFINE_bool('attacks', False, 'also run the stolen-key attacks (pre-image, replay after '
+                  'revocation, linkage, de-anonymisation)')
+flags.DEFINE_integer('victims', 200, 'attacks: genuine pairs attacked (at most the set has)')
+flags.DEFINE_integer('attack_keys', 5, 'attacks: new keys the victims are re-enrolled under')
+flags.DEFINE_list('far', [], 'attacks: also report at the thresholds of these false-accept rates')
 flags.DEFINE_string('gpu', None, "GPUs to use, e.g. '0' (default: all visible)")
 FLAGS = flags.FLAGS
 
@@ -47,11 +56,85 @@ def format_protection_table(report, set_name):
         ('EER shared key (mean +- std)', f"{report['eer_shared_key_mean']:.4f} +- "
                                          f"{report['eer_shared_key_std']:.4f}"),
         ('EER without permutation', f"{report['eer_plain']:.4f}"),
+        ('zero-effort accept rate', f"{report['zero_effort_rate']:.4f} ({report['zero_effort_n']} "
+                                    'random embeddings x every code)'),
+        ('codes valid under a new key', 'yes' if report['key_change_ok'] else 'NO'),
     ]
     width = max(len(name) for name, _ in rows)
     lines = [f'Template protection on {set_name}', '-' * (width + 20)]
     lines += [f'{name:<{width}}  {value}' for name, value in rows]
+    lines += [f'  WARNING: {reason}' for reason in report['key_change_problems']]
     return '\n'.join(lines)
+
+
+ATTACK_ROWS = (
+    ('same_key_code_match', 'same code reproduced (stolen key)'),
+    ('same_key_accept', 'accepted, stolen key'),
+    ('same_key_accept_genuine_probe', 'accepted vs template of another photo'),
+    ('cross_key_accept_same_image', 'accepted after re-keying (same photo)'),
+    ('cross_key_accept_other_image', 'accepted after re-keying (other photo)'),
+    ('cosine_mean', 'cosine to the true embedding (mean)'),
+    ('cosine_min', 'cosine to the true embedding (min)'),
+    ('rank1', 'rank-1 among float embeddings'),
+    ('seconds_per_victim', 'seconds per victim'),
+)
+BASELINE_ROWS = (
+    ('genuine_accept_cross_key', 'genuine user, new key'),
+    ('impostor_accept', 'impostor, new key'),
+    ('wrong_key_accept', 'attacker with a wrong key'),
+    ('stolen_code_replay_accept', 'stolen code replayed after re-keying'),
+    ('cosine_same_person', 'cosine, another photo of the person'),
+    ('cosine_other_person', 'cosine, another person'),
+    ('wrong_key_cosine_mean', 'cosine, wrong-key pre-image'),
+    ('rank1_true_embedding', 'rank-1 of the true embedding'),
+)
+
+
+def format_attack_table(report):
+    """Text table of the attack report: one column per attack, one block per threshold."""
+    attacks = [a for a in ('lp', 'gradient') if a in report]
+    points = [report, *report['at_far'].values()]
+    lines = [f"Stolen-key attacks: {report['victims']} victims, m={report['m']} q={report['q']}, "
+             f"{report['attack_keys']} new keys; accept when {report['accept_rule']}"]
+    for point in points:
+        lines.append(f"-- threshold {point['threshold']:g} ({point['threshold_source']})")
+        lines.append(f"{'':42s}" + ''.join(f'{a:>10s}' for a in attacks))
+        for key, text in ATTACK_ROWS:
+            lines.append(f'{text:42s}' + ''.join(f'{point[a][key]:10.3f}' for a in attacks))
+        for key, text in BASELINE_ROWS:
+            lines.append(f'{text:42s}{point["baselines"][key]:10.3f}')
+    if 'linkage' in report:
+        link = report['linkage']
+        lines.append(f"-- linkage of two codes of one person under two keys: D_sys "
+                     f"{link['d_sys_keys_known']:.3f} with both keys known (pre-images compared), "
+                     f"{link['d_sys_keys_unknown']:.3f} without keys (codes compared)")
+    return '\n'.join(lines)
+
+
+def plot_attack_histograms(histograms, m, threshold, path):
+    """Save the Hamming-distance histograms under the new keys (genuine, impostor, attacks)."""
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    from modules.utils import atomic_path
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    try:
+        bins = np.arange(0, m + 2) - 0.5
+        for name, values in histograms.items():
+            ax.hist(values, bins=bins, density=True, histtype='step', linewidth=1.5,
+                    label=f'{name} (n={len(values)})')
+        ax.axvline(threshold, color='black', linestyle='--', label=f'threshold {threshold:g}')
+        ax.set_xlabel(f'Hamming distance to the re-enrolled template (of {m})')
+        ax.set_ylabel('density')
+        ax.set_title('After re-keying: genuine, impostor and stolen-key pre-images')
+        ax.legend(fontsize='small')
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format='png', dpi=120)
+    finally:
+        plt.close(fig)
 
 
 @cli_guard
@@ -60,13 +143,20 @@ def main(_):
     cfg = load_config(FLAGS.cfg_path, STAGE2_REQUIRED)
     if FLAGS.num_keys < 2:
         raise UserError(f'--num_keys must be at least 2, got {FLAGS.num_keys}')
+    fars = _fars(FLAGS.far)
     if FLAGS.bins < 1:
         raise UserError(f'--bins must be positive, got {FLAGS.bins}')
     quiet_tensorflow()
     from modules import evaluations as ev
     from modules import testsets
     from modules.models import iom_codes, load_iom_model
-    from modules.protection import evaluate_protection, plot_unlinkability
+    from modules.protection import (
+        evaluate_protection,
+        key_change_verdict,
+        like_real_embeddings,
+        plot_unlinkability,
+        zero_effort_rate,
+    )
     from modules.training import configure_devices
 
     configure_devices(FLAGS.gpu)
@@ -88,6 +178,12 @@ def main(_):
     codes = [iom_codes(model, embeddings, perm_key=key) for key in keys]
 
     report = evaluate_protection(codes, plain, issame, bins=FLAGS.bins)
+    probes = like_real_embeddings(embeddings, FLAGS.zero_effort, FLAGS.seed)
+    report['zero_effort_rate'] = zero_effort_rate(iom_codes(model, probes, perm_key=keys[0]),
+                                                  codes[0], report['threshold'])
+    report['zero_effort_n'] = FLAGS.zero_effort
+    ok, problems, tolerance = key_change_verdict(report)
+    report.update(key_change_ok=ok, key_change_problems=problems, eer_tolerance=tolerance)
     print(f"IoM codes m={cfg['m']} q={cfg['q']}, {len(issame)} pairs of {FLAGS.set}")
     print(format_protection_table(report, FLAGS.set))
 
@@ -99,6 +195,40 @@ def main(_):
     report.update(set=FLAGS.set, keys=keys, q=cfg['q'], cfg_path=FLAGS.cfg_path,
                   loaded_from=getattr(model, 'loaded_from', None), plot=plot_path)
     json_path = os.path.join(out_dir, f'protection_{FLAGS.set}.json')
+    with atomic_output(json_path, 'w') as fh:
+        json.dump(report, fh, indent=2, default=float)
+    print(f'[*] wrote {json_path}')
+    print(f'[*] wrote {plot_path}')
+    if FLAGS.attacks:
+        run_attacks(cfg, model, embeddings, issame, fars, out_dir)
+
+
+def _fars(values):
+    """The --far list as floats in (0, 1); UserError naming a bad entry."""
+    fars = []
+    for text in values:
+        try:
+            far = float(text)
+        except ValueError:
+            raise UserError(f'--far: {text!r} is not a number') from None
+        if not 0 < far < 1:
+            raise UserError(f'--far: {text} must lie in (0, 1)')
+        fars.append(far)
+    return fars
+
+
+def run_attacks(cfg, model, embeddings, issame, fars, out_dir):
+    """Run the stolen-key attacks, print their table, write the JSON and the histogram plot."""
+    from modules.attacks import attack_report
+    if FLAGS.victims < 2 or FLAGS.attack_keys < 1:
+        raise UserError('--victims must be at least 2 and --attack_keys at least 1')
+    report, _, _ = attack_report(model, embeddings, issame, FLAGS.victims, FLAGS.attack_keys,
+                                 fars, seed=FLAGS.seed)
+    print(format_attack_table(report))
+    plot_path = os.path.join(out_dir, 'protection_attacks.png')
+    plot_attack_histograms(report.pop('histograms'), report['m'], report['threshold'], plot_path)
+    report.update(set=FLAGS.set, cfg_path=FLAGS.cfg_path, plot=plot_path)
+    json_path = os.path.join(out_dir, 'protection_attacks.json')
     with atomic_output(json_path, 'w') as fh:
         json.dump(report, fh, indent=2, default=float)
     print(f'[*] wrote {json_path}')

@@ -265,6 +265,17 @@ def verification_metrics(distances, issame, nrof_folds=10, thresholds=None):
     }
 
 
+def threshold_at_far(roc_far, roc_thresholds, far):
+    """(threshold, its measured FAR): the largest ROC threshold whose FAR is <= `far`."""
+    if not 0 < far < 1:
+        raise UserError(f'a target FAR must lie in (0, 1), got {far}')
+    roc_far = np.asarray(roc_far, np.float64)
+    allowed = np.flatnonzero(roc_far <= far)
+    if allowed.size == 0:
+        raise UserError(f'no threshold reaches FAR <= {far:g} (lowest FAR {roc_far.min():.2e})')
+    return float(np.asarray(roc_thresholds)[allowed[-1]]), float(roc_far[allowed[-1]])
+
+
 # ---------------------------------------------------------------------------------------------
 # Retrieval
 def retrieval_metrics(codes_or_embeddings, labels, measure, q=None, chunk_elements=1 << 22):

@@ -132,15 +132,14 @@ def decision_threshold(cfg, threshold=None, far=None):
     if far is None:
         return float(res['eer_threshold']), (f"EER threshold on {name} (EER {res['eer']:.4f}), "
                                              f'{path}')
+    from modules.evaluations import threshold_at_far
     if not 0 < far < 1:
         raise UserError(f'--far must lie in (0, 1), got {far}')
-    roc_far = np.asarray(res['roc_far'], np.float64)
-    allowed = np.flatnonzero(roc_far <= far)
-    if allowed.size == 0:
-        raise UserError(f'{path}: no threshold on {name} reaches FAR <= {far} (lowest FAR '
-                        f'{roc_far.min():.2e}); pass --threshold')
-    return (float(res['roc_thresholds'][allowed[-1]]),
-            f'FAR <= {far:g} on {name} (measured FAR {roc_far[allowed[-1]]:.2e}), {path}')
+    try:
+        threshold, measured = threshold_at_far(res['roc_far'], res['roc_thresholds'], far)
+    except UserError as err:
+        raise UserError(f'{path}: on {name}, {err}; pass --threshold') from None
+    return threshold, f'FAR <= {far:g} on {name} (measured FAR {measured:.2e}), {path}'
 
 
 # ---------------------------------------------------------------------------------------------

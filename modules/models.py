@@ -125,11 +125,13 @@ def load_backbone_weights(arcface_model, cfg, run=None):
 
 
 def IoMFaceModel(cfg, arcface_model=None, perm_key=None, name='IoMface_model'):
-    """input_image -> arcface_model -> perm_layer -> [hidden] -> IoMProjection -> IoMHead.
+    """input_image -> arcface_model -> [hidden] -> perm_layer -> IoMProjection -> IoMHead.
 
-    With training=False it gives the integer Index-of-Max code (batch, m). Keras passes a
-    training=True call on to every nested layer, the embedding model's dropout included, so the
-    stage-2 trainer runs the frozen embedding model and the IoM stack (iom_stack_model) apart.
+    The permutation sits where `perm_position` puts it (default: right before the projection;
+    'input' keeps the original perm -> hidden order). With training=False it gives the integer
+    Index-of-Max code (batch, m). Keras passes a training=True call on to every nested layer, the
+    embedding model's dropout included, so the stage-2 trainer runs the frozen embedding model and
+    the IoM stack (iom_stack_model) apart.
     """
     if arcface_model is None:
         arcface_model = arcface_from_config(cfg, use_pretrain=False)
@@ -142,17 +144,36 @@ def IoMFaceModel(cfg, arcface_model=None, perm_key=None, name='IoMface_model'):
 
 
 def iom_layers(cfg, perm_key=None):
-    """New perm_layer, hidden layers, IoMProjection and IoMHead for a stage-2 config, in order."""
-    return ([PermLayer(perm_key, name='perm_layer')]
-            + iom_hidden_layers(cfg['hidden_layer_remark'])
-            + [IoMProjection(cfg['m'], cfg['q']),
-               IoMHead(cfg['m'], cfg['q'], T=cfg['T'], name='IoMHead')])
+    """New perm_layer, hidden layers, IoMProjection and IoMHead for a stage-2 config, in order.
+
+    A permutation in front of trained hidden layers breaks them under any key but the training
+    one (their Dense weights and BatchNorm statistics belong to the unpermuted feature order), so
+    by default it acts on the hidden layers' output, where a new key only turns the projection
+    into another one of the same statistics, exactly as for a stack without hidden layers.
+    """
+    perm = PermLayer(perm_key, name='perm_layer')
+    hidden = iom_hidden_layers(cfg['hidden_layer_remark'])
+    front = [perm] + hidden if cfg.get('perm_position', 'projection') == 'input' else hidden + [perm]
+    return front + [IoMProjection(cfg['m'], cfg['q']),
+                    IoMHead(cfg['m'], cfg['q'], T=cfg['T'], name='IoMHead')]
+
+
+def key_bound(cfg):
+    """True when the model's codes are valid only under the key it was trained with."""
+    return (cfg.get('perm_position', 'projection') == 'input'
+            and cfg['hidden_layer_remark'] not in ('1', 'T1'))
 
 
 def trained_iom_layers(iom_model):
-    """The layers of an IoM model from perm_layer to IoMHead, in order."""
-    start = [layer.name for layer in iom_model.layers].index('perm_layer')
+    """The layers of an IoM model after the embedding model, up to IoMHead, in order."""
+    start = [layer.name for layer in iom_model.layers].index('arcface_model') + 1
     return list(iom_model.layers[start:])
+
+
+def with_perm_key(stack, perm_key):
+    """A copy of the layer list `stack` whose perm_layer is replaced by one of `perm_key`."""
+    return [PermLayer(perm_key, name='perm_layer') if layer.name == 'perm_layer' else layer
+            for layer in stack]
 
 
 def iom_stack_model(iom_model, embd_shape):
@@ -166,7 +187,11 @@ def iom_stack_model(iom_model, embd_shape):
 
 def stage2_checkpoint(iom_model, **extra):
     """tf.train.Checkpoint over the trainable IoM layers (the frozen backbone is not duplicated)."""
-    tracked = {f'layer_{i}': layer for i, layer in enumerate(trained_iom_layers(iom_model))}
+    stack = trained_iom_layers(iom_model)
+    # Numbered in the original order (perm_layer first, then hidden, projection, head), so
+    # checkpoints keep their names wherever the permutation sits.
+    ordered = sorted(stack, key=lambda layer: layer.name != 'perm_layer')
+    tracked = {f'layer_{i}': layer for i, layer in enumerate(ordered)}
     return tf.train.Checkpoint(**tracked, **extra)
 
 
@@ -195,7 +220,7 @@ def iom_codes(iom_model, embeddings, perm_key=None, batch_size=1024):
     """Hash precomputed embeddings with the model's IoM layers, optionally under another key."""
     stack = trained_iom_layers(iom_model)
     if perm_key is not None:
-        stack[0] = PermLayer(perm_key, name='perm_layer')
+        stack = with_perm_key(stack, perm_key)
     out = []
     for begin in range(0, len(embeddings), batch_size):
         x = tf.convert_to_tensor(embeddings[begin:begin + batch_size], tf.float32)

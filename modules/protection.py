@@ -333,6 +333,7 @@ def evaluate_protection(codes_by_key, plain_codes, issame, bins=DEFAULT_BINS):
     eers = [met['eer'] for met, _ in per_key]
     return {
         'num_keys': len(codes), 'num_pairs': int(same.size), 'm': int(m),
+        'num_genuine_pairs': int(same.sum()),
         'd_sys': d_sys, 'd_sys_same_sample': d_sys_self,
         'num_mated': int(mated.size), 'num_nonmated': int(nonmated.size),
         'mated_mean': float(mated.mean()), 'nonmated_mean': float(nonmated.mean()),
@@ -352,6 +353,52 @@ def evaluate_protection(codes_by_key, plain_codes, issame, bins=DEFAULT_BINS):
         # Arrays for plot_unlinkability (not written to JSON by the CLI).
         'scores': {'mated': mated, 'nonmated': nonmated, 's': s, 'd_local': d_local},
     }
+
+
+def like_real_embeddings(embeddings, n, seed=0):
+    """n random embeddings drawn like real ones: the norm of a random real one, a random direction."""
+    emb = np.asarray(embeddings, np.float64)
+    rng = np.random.default_rng(seed)
+    norms = np.linalg.norm(emb, axis=1)[rng.integers(0, len(emb), n)]
+    direction = rng.standard_normal((n, emb.shape[1]))
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    return (direction * norms[:, None]).astype(np.float32)
+
+
+def zero_effort_rate(random_codes, enrolled_codes, threshold, chunk=256):
+    """Fraction of (random probe, enrolled template) comparisons accepted: Hamming < threshold."""
+    a = _codes_2d(random_codes, 'random_codes')
+    b = _codes_2d(enrolled_codes, 'enrolled_codes')
+    if a.shape[1] != b.shape[1]:
+        raise UserError(f'random codes have m={a.shape[1]}, enrolled codes m={b.shape[1]}')
+    accepted = sum(int(np.count_nonzero(
+        np.count_nonzero(a[i:i + chunk, None, :] != b[None], axis=2) < threshold))
+        for i in range(0, len(a), chunk))
+    return accepted / (len(a) * len(b))
+
+
+def key_change_verdict(report, max_revocability=0.01):
+    """(ok, reasons): do codes under new keys verify as well as without one, and revoke?
+
+    The EER under the random keys may exceed the EER without a key by at most twice the
+    binomial standard error of an EER measured on the set's pairs, sqrt(e (1 - e) / n) with n
+    the smaller of the genuine and impostor pair counts (the spread of the figure from one run
+    to another); the revocability rates must not exceed `max_revocability`.
+    """
+    eer = report['eer_plain']
+    pairs = min(report['num_genuine_pairs'], report['num_pairs'] - report['num_genuine_pairs'])
+    tolerance = 2 * float(np.sqrt(max(eer * (1 - eer), 1e-12) / pairs))
+    gap = report['eer_shared_key_mean'] - eer
+    revocability = max(report['revocability_rate'], report['revocability_rate_same_sample'])
+    reasons = []
+    if gap > tolerance:
+        reasons.append(f'EER under new keys {report["eer_shared_key_mean"]:.4f} is worse than '
+                       f'without a key {eer:.4f} by {gap:.4f} (> {tolerance:.4f}, twice its '
+                       'standard error)')
+    if revocability > max_revocability:
+        reasons.append(f'revocability rate {revocability:.4f} > {max_revocability}: codes of a '
+                       'revoked key are still accepted under the new one')
+    return not reasons, reasons, tolerance
 
 
 # ---------------------------------------------------------------------------------------------

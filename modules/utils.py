@@ -126,6 +126,12 @@ SCHEMA = {
     'q': Key((int,), 8, doc='IoM: indices per group'),
     'm': Key((int,), 512, doc='IoM: number of groups (code length)'),
     'perm_key': Key((int, type(None)), None, doc='permutation key (None: identity)'),
+    'perm_position': Key((str,), 'projection', ('projection', 'input'),
+                         doc='where the key permutes features: projection = right before the IoM '
+                             'projection, after any hidden layers (codes work under every key); '
+                             'input = on the embedding, before the hidden layers (the original '
+                             'order: with hidden layers the model works only under its training '
+                             'key)'),
     'metric_weight': Key(_NUM, 1.0, doc='weight of the metric loss'),
     'l2_weight': Key(_NUM, 0.5, doc='weight of the L2 regulariser'),
     'quanti_weight': Key(_NUM, 0.5, doc='weight of the quantisation loss'),
