@@ -1,4 +1,4 @@
-"""The install files agree with each other and the README documents every config key."""
+"""The install files agree with each other and the docs document every config key."""
 import re
 
 from modules.utils import SCHEMA
@@ -15,9 +15,9 @@ def test_environment_yml_has_the_requirement_pins():
     assert req and env == req
 
 
-def test_readme_documents_every_config_key():
-    readme = open('README.md').read()
-    missing = [key for key in SCHEMA if f'| `{key}` |' not in readme]
+def test_config_reference_documents_every_config_key():
+    reference = open('docs/training.md').read()
+    missing = [key for key in SCHEMA if f'| `{key}` |' not in reference]
     assert not missing
 
 
