@@ -256,8 +256,9 @@ def test_pth_variants_and_refusals(tmp_path, tiny):
         pth_to_npy(write_pth(str(tmp_path / 'extra.pth'), extra))
     bad = collections.OrderedDict(state)
     bad['layer2.1.prelu.weight'] = np.zeros(64, np.float32)
-    with pytest.raises(UserError, match=r"'stage2_unit2_relu1' \(source 'layer2.1.prelu'\): 64 "
-                                        'PReLU slopes, expected 128'):
+    with pytest.raises(UserError, match=r"'stage2_unit2_relu1' \(source 'layer2.1.prelu'\): "
+                                        r"tensor 'layer2.1.prelu.weight' is declared \(64,\), "
+                                        r'expected \(128,\)'):
         pth_to_npy(write_pth(str(tmp_path / 'bad.pth'), bad))
 
 
