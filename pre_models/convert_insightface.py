@@ -25,7 +25,6 @@ from modules.utils import (  # noqa: E402
     UserError,
     atomic_path,
     cli_guard,
-    quiet_tensorflow,
 )
 
 FLAGS = flags.FLAGS
@@ -87,9 +86,9 @@ def main(_):
 
 def _verify(summary, staged):
     """Compare the staged .npy with its ONNX source; any failure is one UserError line."""
-    quiet_tensorflow()  # only --verify needs TensorFlow (for the Keras model)
     import numpy as np
 
+    # verify_onnx imports TensorFlow (for the Keras model) once onnxruntime has run the source.
     from modules.weights.verify import MAX_ONE_MINUS_COS, verify_onnx
     start = time.perf_counter()
     try:
@@ -105,6 +104,7 @@ def _verify(summary, staged):
     print(f'verify:      1 - cos to onnxruntime on {len(gap)} sample faces: worst {gap.max():.1e} '
           f'(limit {MAX_ONE_MINUS_COS:g}), median {np.median(gap):.1e}; onnxruntime ran {runs} '
           f'({time.perf_counter() - start:.2f} s with the TensorFlow import)')
+
 
 if __name__ == '__main__':
     app.run(main)

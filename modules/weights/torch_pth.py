@@ -230,9 +230,26 @@ def _declared_state(path):
             continue
         reader.check_storage(tensor.storage)
         out[key] = tensor
+    _check_storage_use(path, out.values())
     if out and all(k.startswith('module.') for k in out):  # saved from nn.DataParallel
         out = {k[len('module.'):]: v for k, v in out.items()}
     return reader, out
+
+
+def _check_storage_use(path, tensors):
+    """UserError if a storage holds more elements than its tensors reach: a state dict saves each
+    parameter in its own storage, and reading more than the (layer-checked) tensors need would
+    let a small deflated zip entry expand to any size."""
+    reach, numel = {}, {}
+    for t in tensors:
+        extent = t.offset + sum((n - 1) * s for n, s in zip(t.size, t.stride)) + 1
+        reach[t.storage.key] = max(reach.get(t.storage.key, 0), extent if math.prod(t.size) else 0)
+        numel[t.storage.key] = max(numel.get(t.storage.key, 0), t.storage.numel)
+    for key, count in numel.items():
+        if count > reach[key]:
+            raise UserError(f'{path}: storage data/{key} holds {count} elements, but its tensors use '
+                            f'only {reach[key]} (a view into a larger buffer? save a state dict '
+                            'of standalone tensors, e.g. {k: v.clone() for k, v in ...})')
 
 
 def _read_tensor(reader, key, tensor):

@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 
-from modules.utils import UserError
+from modules.utils import UserError, quiet_tensorflow
 
 # A correct conversion agrees to 1 - cos ~ 1e-11 (float32 rounding); a /127.5 vs /128 input scale
 # gives ~1e-5. The limit holds for every sample face, not on average.
@@ -54,8 +54,10 @@ def onnx_embeddings(path, pixels, feed, batch=None):
     x = np.transpose(pixels.astype(np.float64), (0, 3, 1, 2))
     if feed is not None:
         x = feed[0] * x + feed[1]
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # a failure is reported once, below, not also logged
     try:
-        sess = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+        sess = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
     except Exception as err:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise UserError(f'{path}: onnxruntime cannot load it ({_one_line(err)})') from None
     inp = sess.get_inputs()[0]
@@ -89,12 +91,13 @@ def input_size(path):
 def verify_onnx(onnx_path, npy_path, backbone, feed, batch=None):
     """1 - cos between the ONNX source (onnxruntime) and the converted Keras backbone for each
     sample face, and the batch onnxruntime ran; UserError if one exceeds MAX_ONE_MINUS_COS."""
-    from modules.backbones import insight_resnet
-    from modules.weights.npy import load_npy_weights
     size = input_size(onnx_path)
     pixels = sample_faces(size)
     reference, step = onnx_embeddings(onnx_path, pixels, feed, batch)
     reference = reference.astype(np.float64).reshape(len(pixels), -1)
+    quiet_tensorflow()  # only now: a graph onnxruntime cannot run fails without TensorFlow
+    from modules.backbones import insight_resnet
+    from modules.weights.npy import load_npy_weights
     model = insight_resnet(backbone, (size, size, 3))
     load_npy_weights(model, npy_path)
     ours = model(pixels.astype(np.float32) / 255.0, training=False).numpy().astype(np.float64)
