@@ -31,10 +31,11 @@ _CHECKED_OPS = {
     'Gemm': (7, 9, 11, 13), 'MatMul': (1, 9, 13), 'Flatten': (1, 9, 11, 13, 21, 23, 24, 25),
     'Reshape': (5, 13, 14, 19, 21, 23, 24, 25), 'Dropout': (7, 10, 12, 13, 22),
     'Identity': (1, 13, 14, 16, 19, 21, 23, 24, 25),
-    'Constant': (9, 11, 12, 13, 19, 21, 23, 24, 25),
+    'Constant': (1, 9, 11, 12, 13, 19, 21, 23, 24, 25),
     **{op: (7, 13, 14) for op in ('Add', 'Sub', 'Mul', 'Div')},
 }
-# Bytes per element as ONNX stores them (raw_data); other element types are not read.
+# Bytes per element as ONNX stores them (raw_data), by TensorProto data type: FLOAT, UINT8, INT8,
+# UINT16, INT16, INT32, INT64, BOOL, FLOAT16, DOUBLE, UINT32, UINT64, BFLOAT16. Others are not read.
 _ITEMSIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
 
 
