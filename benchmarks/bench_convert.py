@@ -93,7 +93,7 @@ def main(_):
             wall, total, cpu, startup, _ = convert(source, out)
             load_npy_weights(model, out)
             ours = model(faces.astype(np.float32) / 255.0, training=False).numpy()
-            ref = onnx_embeddings(reference, faces, feed)  # None: the graph normalises itself
+            ref, _ = onnx_embeddings(reference, faces, feed)  # None: the graph normalises itself
             ours, ref = ours.astype(np.float64), ref.astype(np.float64)
             cos = np.sum(ours * ref, 1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(ref, axis=1)
             size = sum(os.path.getsize(f) for f in files) / 2**20

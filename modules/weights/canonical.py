@@ -168,7 +168,7 @@ def layer_channels(units):
 
 
 def check_canonical(canon, units, where, sources=None):
-    """Shape checks of canonical parameters against the LResNet-IR with `units`.
+    """Shape and finiteness checks of canonical parameters against the LResNet-IR with `units`.
 
     `sources` maps our layer names to the source's node or tensor names, quoted in messages.
     """
@@ -180,6 +180,11 @@ def check_canonical(canon, units, where, sources=None):
         label = f"{where}layer '{name}'"
         if sources and name in sources:
             label += f" (source '{sources[name]}')"
+        for key, value in item.items():
+            if isinstance(value, np.ndarray) and not np.all(np.isfinite(value)):
+                raise UserError(f'{label}: {key} holds {np.count_nonzero(~np.isfinite(value))} '
+                                'NaN or infinite value(s): a damaged or diverged model, not '
+                                'converted')
         in_ch, out_ch = chans[name]
         if kind == 'conv':
             want = (out_ch, in_ch, spec[0], spec[0])

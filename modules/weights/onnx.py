@@ -1,5 +1,6 @@
 """ONNX iresnet models (InsightFace model zoo: PyTorch iresnet exports, or MXNet models exported
 to ONNX)."""
+import math
 import os
 import time
 
@@ -20,7 +21,22 @@ from modules.weights.canonical import (
 )
 
 _ONNX_PASS = ('Identity', 'Dropout')
-MAX_OPSET = 18  # the newest opset whose Conv/BatchNormalization/PRelu/Gemm/Reshape are checked here
+# The ops an iresnet graph is made of, and the definitions of each (the opsets that changed it)
+# this converter was checked against. Later definitions, up to opset 28 (onnx 1.23), changed only
+# the element types an op admits. An op missing here, or a definition not listed (older ones with
+# broadcast/spatial attributes, or a future change), is refused by name: the op decides, not the
+# opset number.
+_CHECKED_OPS = {
+    'Conv': (1, 11, 22), 'BatchNormalization': (7, 9, 14, 15), 'PRelu': (6, 7, 9, 16),
+    'Gemm': (7, 9, 11, 13), 'MatMul': (1, 9, 13), 'Flatten': (1, 9, 11, 13, 21, 23, 24, 25),
+    'Reshape': (5, 13, 14, 19, 21, 23, 24, 25), 'Dropout': (7, 10, 12, 13, 22),
+    'Identity': (1, 13, 14, 16, 19, 21, 23, 24, 25),
+    'Constant': (1, 9, 11, 12, 13, 19, 21, 23, 24, 25),
+    **{op: (7, 13, 14) for op in ('Add', 'Sub', 'Mul', 'Div')},
+}
+# Bytes per element as ONNX stores them (raw_data), by TensorProto data type: FLOAT, UINT8, INT8,
+# UINT16, INT16, INT32, INT64, BOOL, FLOAT16, DOUBLE, UINT32, UINT64, BFLOAT16. Others are not read.
+_ITEMSIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
 
 
 class _OnnxGraph:
@@ -38,7 +54,8 @@ class _OnnxGraph:
             raise UserError(f'{path}: not a readable ONNX model ({type(err).__name__}: '
                             f'{err})') from None
         self.opset = _default_opset(model, path)
-        _load_external_data(model, path)
+        _check_ops(model, self.opset, path)
+        _check_tensors(model, path)
         graph = model.graph
         self.consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
         self.producer, self.consumers, nodes = {}, {}, []
@@ -62,6 +79,11 @@ class _OnnxGraph:
                                   for a in node.attribute}
         if len(self.inputs) != 1:
             raise UserError(f'{path}: expected one image input, found {self.inputs}')
+        for node in nodes:  # a Dropout is looked through only when it cannot be in training mode
+            train = node.input[2] if node.op_type == 'Dropout' and len(node.input) > 2 else ''
+            if train and (train not in self.consts or np.any(self.consts[train])):
+                raise UserError(f'{path}: Dropout {node.name!r} may run in training mode '
+                                f'(training_mode input {train!r} is not a constant false)')
 
     def follow(self, tensor):
         """Consumers of `tensor`, looking through Identity/Dropout."""
@@ -101,30 +123,102 @@ class _OnnxGraph:
 
 
 def _default_opset(model, path):
-    """The model's opset of the default ONNX domain; UserError if newer than MAX_OPSET."""
+    """The model's opset of the default ONNX domain; UserError if the onnx package here does not
+    describe it."""
+    import onnx
     versions = [o.version for o in model.opset_import if o.domain in ('', 'ai.onnx')]
     if not versions:
         raise UserError(f'{path}: no opset of the default ONNX domain: not an ONNX model')
-    if versions[0] > MAX_OPSET:
-        raise UserError(f'{path}: opset {versions[0]} is newer than the opsets this converter '
-                        f'checks (up to {MAX_OPSET})')
-    return versions[0]
+    known = onnx.defs.onnx_opset_version()
+    if max(versions) > known:
+        raise UserError(f'{path}: opset {max(versions)} is newer than the installed onnx '
+                        f'{onnx.__version__} describes (up to {known}): its ops cannot be checked')
+    return max(versions)
 
 
-def _load_external_data(model, path):
-    """Load initializers stored beside the model (torch's dynamo exporter: <name>.onnx.data)."""
+def _check_ops(model, opset, path):
+    """UserError naming the first node whose op (at this opset) the converter was not checked
+    against."""
+    import onnx
+    for node in model.graph.node:
+        if node.domain not in ('', 'ai.onnx'):
+            raise UserError(f'{path}: node {node.name!r} is {node.domain}.{node.op_type}, not a '
+                            'standard ONNX op (an onnxruntime-optimised graph? convert the '
+                            'exported one)')
+        checked = _CHECKED_OPS.get(node.op_type)
+        if checked is None:
+            raise UserError(f'{path}: node {node.name!r} is a {node.op_type}, an op this converter '
+                            'does not handle (an iresnet graph has only '
+                            + ', '.join(sorted(_CHECKED_OPS)) + ')')
+        since = onnx.defs.get_schema(node.op_type, opset, '').since_version
+        if since not in checked:
+            raise UserError(f'{path}: node {node.name!r}: {node.op_type} as defined in opset '
+                            f'{since} (the graph declares opset {opset}) is not a definition this '
+                            f'converter was checked against (opsets {list(checked)})')
+        if node.op_type == 'BatchNormalization':
+            spatial = [a.i for a in node.attribute if a.name == 'spatial']
+            if spatial and spatial[0] != 1:
+                raise UserError(f'{path}: BatchNormalization {node.name!r} has spatial=0 '
+                                '(statistics per position): not an iresnet graph')
+
+
+def _graph_tensors(model):
+    """(what, TensorProto) of every initializer and Constant node value."""
+    out = [(f'initializer {t.name!r}', t) for t in model.graph.initializer]
+    for node in model.graph.node:
+        if node.op_type == 'Constant':
+            out += [(f'Constant {node.name!r}', a.t) for a in node.attribute if a.name == 'value']
+    return out
+
+
+def _check_tensors(model, path):
+    """Every tensor's declared shape against the bytes really there (inline, or in its external
+    data file at its offset), before anything is allocated; then external data is loaded."""
+    import onnx
     from onnx import external_data_helper
     base = os.path.dirname(os.path.abspath(path))
-    external = [t for t in model.graph.initializer if external_data_helper.uses_external_data(t)]
-    for tensor in external:
-        info = external_data_helper.ExternalDataInfo(tensor)
-        where = os.path.join(base, info.location)
-        if os.path.isabs(info.location) or '..' in info.location.replace('\\', '/').split('/'):
-            raise UserError(f'{path}: initializer {tensor.name!r} points outside the model\'s '
-                            f'folder ({info.location!r})')
-        if not os.path.isfile(where):
-            raise UserError(f'{path}: initializer {tensor.name!r} is stored in {where}, which '
-                            'does not exist (keep the .onnx.data file beside the .onnx)')
+    external = False
+    for what, tensor in _graph_tensors(model):
+        dims = list(tensor.dims)
+        itemsize = _ITEMSIZE.get(tensor.data_type)
+        if itemsize is None:
+            raise UserError(f'{path}: {what} has element type '
+                            f'{onnx.TensorProto.DataType.Name(tensor.data_type)}, not one an '
+                            'iresnet\'s weights use')
+        if any(d < 0 for d in dims):
+            raise UserError(f'{path}: {what} declares a negative dimension {dims}')
+        count = math.prod(dims)
+        nbytes = count * itemsize
+        declared = f'{what} declares shape {dims} ({nbytes} bytes)'
+        if external_data_helper.uses_external_data(tensor):
+            external = True
+            try:
+                info = external_data_helper.ExternalDataInfo(tensor)
+            except ValueError as err:  # a negative or non-numeric offset or length
+                raise UserError(f'{path}: {what}: bad external data entry ({err})') from None
+            where = os.path.join(base, info.location)
+            if (os.path.isabs(info.location)
+                    or '..' in info.location.replace('\\', '/').split('/')
+                    or os.path.commonpath([os.path.realpath(where), os.path.realpath(base)])
+                    != os.path.realpath(base)):
+                raise UserError(f'{path}: {what} points outside the model\'s folder '
+                                f'({info.location!r})')
+            if not os.path.isfile(where):
+                raise UserError(f'{path}: {what} is stored in {where}, which does not exist '
+                                '(keep the .onnx.data file beside the .onnx)')
+            size, offset = os.path.getsize(where), info.offset or 0
+            length = info.length if info.length is not None else size - offset
+            if length != nbytes or offset + nbytes > size:
+                raise UserError(f'{path}: {declared}, but its external data is {length} bytes '
+                                f'at offset {offset} of {where}, a file of {size} bytes')
+        elif tensor.raw_data or nbytes == 0:
+            if len(tensor.raw_data) != nbytes:
+                raise UserError(f'{path}: {declared} but holds {len(tensor.raw_data)} bytes')
+        else:
+            field = onnx.helper.tensor_dtype_to_field(tensor.data_type)
+            held = len(getattr(tensor, field))
+            if held != count:
+                raise UserError(f'{path}: {declared} but holds {held} values')
     if external:
         try:
             external_data_helper.load_external_data_for_model(model, base)
@@ -213,17 +307,20 @@ def _onnx_prenorm(g, tensor, assume):
 
 
 def _check_flatten(g, node, weight):
-    """A Flatten on axis 1, or a Reshape to (batch, C*H*W) with a constant target shape."""
+    """A Flatten on axis 1, or a Reshape to (batch, C*H*W) with a constant target shape; returns
+    the batch size a Reshape fixes (None: any)."""
     if node.op_type == 'Flatten':
         if g.attr(node).get('axis', 1) != 1:
             raise UserError(f'{g.path}: Flatten {node.name!r} must use axis 1')
-        return
+        return None
     target = g.const(node, 1, 'the target shape')
     features = weight.shape[1]
+    zero_is_zero = g.attr(node).get('allowzero', 0)  # opset 14: 0 means 0, not "copy the input"
     if (target.shape != (2,) or target[1] not in (-1, features)
-            or (target[0] < 1 and target[0] not in (0, -1))):
+            or (target[0] < 1 and target[0] not in ((-1,) if zero_is_zero else (0, -1)))):
         raise UserError(f'{g.path}: Reshape {node.name!r} to {target.astype(int).tolist()} is not '
                         f'a flatten to (batch, {features}) before the fully connected layer')
+    return int(target[0]) if target[0] > 0 else None
 
 
 def onnx_to_npy(path, backbone=None, assume_norm=None):
@@ -315,7 +412,7 @@ def onnx_to_npy(path, backbone=None, assume_norm=None):
             raise UserError(f'{path}: Add {node.name!r} after MatMul needs a constant bias')
         bias = np.asarray(g.consts[const_in[0]], np.float64).reshape(-1)
         t = node.output[0]
-    _check_flatten(g, flatten, weight)
+    fixed_batch = _check_flatten(g, flatten, weight)
     canon['pre_fc1'] = {'weight': weight, 'bias': bias, 'node': fc_node}
     tail = g.follow(t)
     if tail and tail[0].op_type == 'BatchNormalization':
@@ -337,6 +434,6 @@ def onnx_to_npy(path, backbone=None, assume_norm=None):
     weights[META_KEY] = weight_meta('onnx', name, norm_text)
     summary = {'source': f'ONNX {path}', 'backbone': name, 'units': tuple(units),
                'layers': len(weights) - 1, 'input_norm': norm_text, 'conv0_scale': scale,
-               'folded_bn': folded, 'ignored': [], 'opset': g.opset,
+               'folded_bn': folded, 'ignored': [], 'opset': g.opset, 'fixed_batch': fixed_batch,
                'feed': None if in_graph else (a, b), 'seconds': time.perf_counter() - start}
     return weights, summary
