@@ -1,13 +1,16 @@
 """Protected-template gallery: init, enroll, enroll_dir, verify, identify, revoke, rekey, list.
 
-    gallery.py init --cfg_path CFG --db gallery.sqlite
-    gallery.py enroll --db gallery.sqlite --name NAME --image PHOTO
-    gallery.py verify --db gallery.sqlite --name NAME --image PHOTO     (exit 0 match, 1 no match)
+    gallery.py init --cfg_path CFG --db gallery.sqlite [--key_mode subject]
+    gallery.py enroll --db gallery.sqlite --name NAME --image PHOTO [--key_out KEYFILE]
+    gallery.py verify --db gallery.sqlite --name NAME --image PHOTO [--subject_key KEYFILE]
+                                                                      (exit 0 match, 1 no match)
     gallery.py identify --db gallery.sqlite --image PHOTO [--top_k 5]  (exit 0 match, 1 no match)
     gallery.py enroll_dir | revoke | rekey | list ...
 Errors exit with status 2 and one line on stderr.
 """
+import contextlib
 import datetime
+import os
 import sys
 
 from absl import app, flags
@@ -30,6 +33,13 @@ flags.DEFINE_float('far', None, 'use the threshold that gave this false-accept r
                    'evaluation instead of the EER threshold')
 flags.DEFINE_enum('align', 'auto', ALIGN_MODES, 'detect and align faces: auto = only photos that '
                   'are not already input_size square, always, never')
+flags.DEFINE_enum('key_mode', 'application', ['application', 'subject'], 'init: one application '
+                  'key file beside the database (1:1 and 1:N), or a key per subject that only the '
+                  'subject holds (1:1 only)')
+flags.DEFINE_string('key_out', None, 'enroll in a subject-key gallery: write the new subject key '
+                    'here (mode 0600; give it to the subject, the gallery keeps only its id)')
+flags.DEFINE_string('subject_key', None, 'verify (or add a template) in a subject-key gallery: '
+                    "the subject's key file")
 flags.DEFINE_bool('progress', True, 'enroll_dir: show a progress bar')
 FLAGS = flags.FLAGS
 
@@ -53,14 +63,57 @@ def _open_with_model(gallery_cls, name=None):
         gallery.templates_of(name)
     cfg = load_config(FLAGS.cfg_path or gallery.meta['cfg_path'], STAGE2_REQUIRED)
     quiet_tensorflow()
+    if gallery.subject_keys:
+        from modules.models import check_rekeyable
+        check_rekeyable(cfg)
     hasher = Hasher(cfg, gallery.key)
     gallery.check_model(hasher.fingerprint, cfg['m'], cfg['q'])
     return gallery, hasher, cfg
 
 
+def _subject_key(gallery, command):
+    """The subject key of a subject-key gallery's enroll / verify (None for application keys)."""
+    from modules.gallery import read_key
+    if not gallery.subject_keys:
+        for name in ('key_out', 'subject_key'):
+            if getattr(FLAGS, name) is not None:
+                raise UserError(f'--{name} is for subject-key galleries; {FLAGS.db} uses its '
+                                'application key')
+        return None
+    if command == 'verify' or FLAGS.subject_key is not None:
+        _require(f'{command} in a subject-key gallery', 'subject_key')
+        return read_key(FLAGS.subject_key)
+    _require(f'{command} of a new subject in a subject-key gallery', 'key_out')
+    if os.path.lexists(FLAGS.key_out):
+        raise UserError(f'{FLAGS.key_out} already exists: a new subject key is never written over '
+                        'a file')
+    return None
+
+
 def _threshold(cfg):
     from modules.gallery import decision_threshold
     return decision_threshold(cfg, FLAGS.threshold, FLAGS.far)
+
+
+def _enroll_one(gallery, hasher, key):
+    """Enrol --image for --name; a new subject of a subject-key gallery gets a new key file."""
+    from modules.gallery import new_key, write_key
+    fresh = gallery.subject_keys and key is None
+    if fresh:
+        key = new_key()
+    code = hasher.photo_codes([FLAGS.image], FLAGS.align, key)
+    if fresh:
+        write_key(FLAGS.key_out, key)
+    try:
+        added = gallery.enroll(FLAGS.name, code, [FLAGS.image], subject_key=key)
+    except BaseException:
+        if fresh:
+            os.remove(FLAGS.key_out)  # no key file for an enrolment that did not happen
+        raise
+    print(f'[*] enrolled {FLAGS.name} ({added} template, {gallery.count()} in the gallery)')
+    if fresh:
+        print(f'[*] subject key written to {FLAGS.key_out} (mode 0600): give it to {FLAGS.name}; '
+              'the gallery keeps only its id, and verify needs it')
 
 
 @cli_guard
@@ -75,27 +128,35 @@ def main(argv):
         _require(command, 'cfg_path')
         Gallery.check_new(FLAGS.db)  # before the model is loaded
         cfg = load_config(FLAGS.cfg_path, STAGE2_REQUIRED)
+        from modules.models import check_rekeyable
+        check_rekeyable(cfg)
         quiet_tensorflow()
         # The fingerprint does not depend on the key (PermLayer has no weights).
         hasher = Hasher(cfg, key=None)
-        gallery = Gallery.create(FLAGS.db, FLAGS.cfg_path, cfg['m'], cfg['q'], hasher.fingerprint)
+        gallery = Gallery.create(FLAGS.db, FLAGS.cfg_path, cfg['m'], cfg['q'], hasher.fingerprint,
+                                 FLAGS.key_mode)
+        where = (f"key file {FLAGS.db}.key (mode 0600, key id {gallery.meta['key_id']})"
+                 if FLAGS.key_mode == 'application' else
+                 'no key: every subject gets its own key file at enrolment (--key_out)')
         print(f"[*] created {FLAGS.db} (m={cfg['m']}, q={cfg['q']}, model "
-              f"{hasher.fingerprint[:16]}) and key file {FLAGS.db}.key (mode 0600, key id "
-              f"{gallery.meta['key_id']})")
+              f'{hasher.fingerprint[:16]}) and {where}')
     elif command in ('enroll', 'verify'):
         _require(command, 'name', 'image')
+        with contextlib.closing(Gallery.open(FLAGS.db)) as gallery:
+            key = _subject_key(gallery, command)  # before the model is loaded
         gallery, hasher, cfg = _open_with_model(Gallery, FLAGS.name if command == 'verify' else None)
         if command == 'verify':
             threshold, source = _threshold(cfg)
-            code = hasher.photo_codes([FLAGS.image], FLAGS.align)
+            code = hasher.photo_codes([FLAGS.image], FLAGS.align, key)
             distance = gallery.verify(FLAGS.name, code)
-            match = distance <= threshold
+            # A wrong subject key never matches, whatever the distance of its code.
+            key_ok = gallery.key_matches(FLAGS.name, key)
+            match = key_ok and distance <= threshold
+            note = '' if key_ok else f' (the key is not the one {FLAGS.name} was enrolled with)'
             print(f"{FLAGS.name}: distance {distance} / {gallery.m}, threshold {threshold:g} "
-                  f"({source}): {'MATCH' if match else 'NO MATCH'}")
+                  f"({source}): {'MATCH' if match else 'NO MATCH'}{note}")
             sys.exit(0 if match else 1)
-        added = gallery.enroll(FLAGS.name, hasher.photo_codes([FLAGS.image], FLAGS.align),
-                               [FLAGS.image])
-        print(f'[*] enrolled {FLAGS.name} ({added} template, {gallery.count()} in the gallery)')
+        _enroll_one(gallery, hasher, key)
     elif command == 'enroll_dir':
         _require(command, 'input_dir')
         folders = identity_folders(FLAGS.input_dir)
@@ -114,6 +175,8 @@ def main(argv):
             print(f'    not enrolled: {name} (no usable photo)')
     elif command == 'identify':
         _require(command, 'image')
+        with contextlib.closing(Gallery.open(FLAGS.db)) as gallery:
+            gallery.check_can_identify()  # before the model is loaded
         gallery, hasher, cfg = _open_with_model(Gallery)
         threshold, source = _threshold(cfg)
         found = gallery.identify(hasher.photo_codes([FLAGS.image], FLAGS.align), FLAGS.top_k)
@@ -128,13 +191,17 @@ def main(argv):
         print(f'[*] revoked {FLAGS.name}: {deleted} template(s) deleted')
     elif command == 'rekey':
         gallery = Gallery.open(FLAGS.db)
+        if not gallery.subject_keys:
+            from modules.models import check_rekeyable
+            check_rekeyable(load_config(FLAGS.cfg_path or gallery.meta['cfg_path'], STAGE2_REQUIRED))
         old = gallery.meta['key_id']
         deleted = gallery.rekey()
         print(f"[*] new key {gallery.meta['key_id']} (was {old}) in {FLAGS.db}.key; {deleted} "
               'template(s) deleted: every subject must enrol again')
     else:
         gallery = Gallery.open(FLAGS.db)
-        print(f"{FLAGS.db}: m={gallery.m} q={gallery.q}, key id {gallery.meta['key_id']}, model "
+        print(f"{FLAGS.db}: m={gallery.m} q={gallery.q}, {gallery.meta['key_mode']} key(s), key id "
+              f"{gallery.meta['key_id']}, model "
               f"{gallery.meta['model_fp'][:16]}, {gallery.count()} templates")
         for name, count, first, last in gallery.subjects():
             print(f'  {name:30s} {count:3d} template(s), enrolled {_when(first)}'

@@ -85,7 +85,8 @@ def lp_preimage(stack, code, low, high):
     """Embedding x' (d,) whose code under `stack` is `code`, by a linear program; and its margin.
 
     Maximises t subject to z_{i,c_i} - z_{i,j} >= t for every group i and j != c_i, with the
-    embedding boxed in [low, high] (per feature). A positive t means the code is reproduced.
+    embedding boxed in [low, high] (per feature; widened around its centre when the program's
+    best t is not positive). A positive t means the code is reproduced.
     One victim per call: the programs of different victims share nothing.
     """
     from scipy.optimize import linprog
@@ -102,13 +103,20 @@ def lp_preimage(stack, code, low, high):
     consts = diff_b[others]
     # Variables (y, t); rows . y + consts >= t  <=>  -rows . y + t <= consts.
     a_ub = np.hstack([-rows, np.ones((rows.shape[0], 1))])
-    bounds = np.c_[np.asarray(low, np.float64)[perm], np.asarray(high, np.float64)[perm]]
-    bounds = [*map(tuple, bounds), (None, None)]
     objective = np.zeros(d + 1)
     objective[-1] = -1.0
-    res = linprog(objective, A_ub=a_ub, b_ub=consts, bounds=bounds, method='highs-ipm')
-    if res.status != 0:
-        raise UserError(f'linear-program attack: HiGHS did not solve the program ({res.message})')
+    centre = (np.asarray(low, np.float64) + np.asarray(high, np.float64))[perm] / 2
+    half = (np.asarray(high, np.float64) - np.asarray(low, np.float64))[perm] / 2
+    # A box fitted to real embeddings may miss the code's cone: widen it until t > 0.
+    for _ in range(4):
+        bounds = [*zip(centre - half, centre + half), (None, None)]
+        res = linprog(objective, A_ub=a_ub, b_ub=consts, bounds=bounds, method='highs-ipm')
+        if res.status != 0:
+            raise UserError(f'linear-program attack: HiGHS did not solve the program '
+                            f'({res.message})')
+        if res.x[-1] > 0:
+            break
+        half = 4 * half + 1e-6
     x = np.empty(d)
     x[perm] = res.x[:d]
     return x.astype(np.float32), float(res.x[-1])
@@ -217,11 +225,12 @@ def _rank1(probes, gallery):
     return float(np.mean(np.argmax(a @ g.T, axis=1) == np.arange(len(a))))
 
 
-def attack_report(iom_model, embeddings, issame, victims=200, attack_keys=5, fars=(), seed=0,
+def attack_report(model_or_stack, embeddings, issame, victims=200, attack_keys=5, fars=(), seed=0,
                   attacks=ATTACKS, progress=print):
     """Run the stolen-key attacks on a verification set's embeddings; return the report dict.
 
-    `embeddings` (2N, d) are the float embeddings of the set's images, `issame` its N pair
+    `model_or_stack` is a stage-2 IoM model or a `KeyedStack`; `embeddings` (2N, d) are the
+    float embeddings of the set's images, `issame` its N pair
     labels. A random key plays the stolen one; `attack_keys` new keys the re-issued ones after
     revocation, another random key the attacker's wrong guess. Victims are genuine pairs: image
     A is enrolled (its code is stolen), image B is another photo of the same person. Thresholds
@@ -232,7 +241,8 @@ def attack_report(iom_model, embeddings, issame, victims=200, attack_keys=5, far
     rng = np.random.default_rng(seed)
     key, wrong_key, link_key = (random_key(rng) for _ in range(3))
     new_keys = [random_key(rng) for _ in range(attack_keys)]
-    base = KeyedStack.of_model(iom_model)
+    base = (model_or_stack if isinstance(model_or_stack, KeyedStack)
+            else KeyedStack.of_model(model_or_stack))
     stolen_stack = base.under(key)
     if 'lp' in attacks and not stolen_stack.is_linear():
         attacks = tuple(a for a in attacks if a != 'lp')

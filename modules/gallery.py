@@ -4,9 +4,15 @@ The database never holds an image or a float embedding: per template only the su
 IoM indices (one uint8 each, `modules.search.pack_codes`), the id of the application key that
 produced them (a hash, never the key), the model fingerprint and timestamps, plus an audit table.
 
-The application key lives in a file beside the database (`<db>.key`, mode 0600) and is the
-permutation key of the IoM model's PermLayer: the same photo hashed under another key gives an
-unrelated code, so `rekey` (new key, every stored code deleted) revokes a leaked database.
+Key modes. `application` (the default): one key for the whole gallery, in a file beside the
+database (`<db>.key`, mode 0600); it is the permutation key of the IoM model's PermLayer: the same
+photo hashed under another key gives an unrelated code, so `rekey` (new key, every stored code
+deleted) re-issues every template, and 1:N `identify` works. `subject`: every subject gets a key of
+its own at enrolment, handed to the subject (a file they keep) and never stored: the database holds
+only its id, so a copy of the database and its directory holds no key. `verify` then needs the
+subject's key; `identify` is not possible (it would need one key shared by all templates);
+revoking and enrolling again issues a new key. What each mode protects against which attacker is
+measured in docs/protection.md.
 
 Storage (this part needs no TensorFlow): WAL journal, every change in one `BEGIN IMMEDIATE`
 transaction, so concurrent writers queue on SQLite's lock and a killed process leaves either a
@@ -28,6 +34,8 @@ from modules.search import pack_codes, search
 from modules.utils import UserError, atomic_output, log_dir
 
 FORMAT = 'iomface-gallery-1'
+KEY_MODES = ('application', 'subject')
+SUBJECT_KEY_ID = 'per-subject'  # meta key_id of a subject-key gallery
 KEY_SUFFIX = '.key'
 PENDING_SUFFIX = '.new'
 _KEY_BITS = 128
@@ -194,14 +202,17 @@ class Gallery:
                                 '(use `rekey` to change the key)')
 
     @classmethod
-    def create(cls, db_path, cfg_path, m, q, model_fp):
-        """A new database and key file; refused when either already exists."""
+    def create(cls, db_path, cfg_path, m, q, model_fp, key_mode='application'):
+        """A new database (and, in application-key mode, its key file); refused when either exists."""
+        if key_mode not in KEY_MODES:
+            raise UserError(f"key mode {key_mode!r}: use one of {', '.join(KEY_MODES)}")
         cls.check_new(db_path)
         kpath = key_path(db_path)
         os.makedirs(os.path.dirname(os.path.abspath(db_path)), exist_ok=True)
-        key = new_key()
+        key = new_key() if key_mode == 'application' else None
         meta = {'format': FORMAT, 'cfg_path': os.path.abspath(cfg_path), 'm': str(int(m)),
-                'q': str(int(q)), 'model_fp': model_fp, 'key_id': key_id(key),
+                'q': str(int(q)), 'model_fp': model_fp, 'key_mode': key_mode,
+                'key_id': SUBJECT_KEY_ID if key is None else key_id(key),
                 'created': f'{time.time():.3f}', 'generation': '0'}
         tmp = f'{db_path}.{secrets.token_hex(4)}.init'
         try:
@@ -210,10 +221,11 @@ class Gallery:
                 conn.executescript(_SCHEMA)
                 conn.executemany('INSERT INTO meta VALUES (?, ?)', sorted(meta.items()))
                 conn.execute('INSERT INTO audit (time, event, name, detail) VALUES (?, ?, ?, ?)',
-                             (time.time(), 'init', None, f"key {meta['key_id']}, model "
-                              f'{model_fp[:16]}, m={m}, q={q}'))
+                             (time.time(), 'init', None, f"{key_mode} key {meta['key_id']}, "
+                              f'model {model_fp[:16]}, m={m}, q={q}'))
                 conn.commit()
-            write_key(kpath, key)
+            if key is not None:
+                write_key(kpath, key)
             os.rename(tmp, db_path)  # the database appears only once complete, with its key
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -242,7 +254,10 @@ class Gallery:
             conn.close()
             raise UserError(f"{db_path}: unknown gallery format {meta.get('format')!r} "
                             f'(expected {FORMAT})')
-        key = cls._matching_key(db_path, meta['key_id'])
+        # Galleries made before key modes existed have no key_mode row: application keys.
+        meta.setdefault('key_mode', 'application')
+        key = (cls._matching_key(db_path, meta['key_id']) if meta['key_mode'] == 'application'
+               else None)
         return cls(db_path, conn, meta, key)
 
     @staticmethod
@@ -296,31 +311,71 @@ class Gallery:
                             "config and checkpoints it was initialised with")
 
     # -- writing ------------------------------------------------------------------------------
-    def _rows(self, names, codes, sources, now):
+    @property
+    def subject_keys(self):
+        """True for a subject-key gallery (a key per subject, held by the subject)."""
+        return self.meta['key_mode'] == 'subject'
+
+    def _refuse_in_subject_mode(self, what, why):
+        if self.subject_keys:
+            raise UserError(f'{self.db_path} is a subject-key gallery: {what} is not possible '
+                            f'({why})')
+
+    def check_can_identify(self):
+        """UserError for a subject-key gallery, where 1:N search is impossible."""
+        self._refuse_in_subject_mode('identify', '1:N search compares a probe with every '
+                                     'template, which needs one key shared by all of them: use '
+                                     'an application-key gallery, or verify a named subject with '
+                                     'its key')
+
+    def subject_key_id(self, name):
+        """Id of the key a subject's templates were made with; UserError for an unknown name."""
+        rows = self._read('SELECT DISTINCT key_id FROM templates WHERE name = ?', (name,))
+        if not rows:
+            raise UserError(f'{name!r} is not enrolled in {self.db_path}')
+        return rows[0][0]
+
+    def key_matches(self, name, key):
+        """True when `key` is the key `name` was enrolled with (always True for application keys)."""
+        return not self.subject_keys or key_id(key) == self.subject_key_id(name)
+
+    def _rows(self, names, codes, sources, now, kid=None):
         packed = pack_codes(codes, self.q, 'codes')
         if packed.shape[1] != self.m:
             raise UserError(f'codes have length {packed.shape[1]}, the gallery holds m={self.m}')
-        kid, fp = self.meta['key_id'], self.meta['model_fp']
+        kid, fp = kid or self.meta['key_id'], self.meta['model_fp']
         return [(name, row.tobytes(), kid, fp, src, now)
                 for name, row, src in zip(names, packed, sources)]
 
-    def enroll(self, name, codes, sources, only_new=False):
+    def enroll(self, name, codes, sources, only_new=False, subject_key=None):
         """Add the templates (rows of `codes`) of one subject in one transaction.
 
         With only_new, nothing is written when the subject is already enrolled (checked inside
-        the transaction, so concurrent enrolments of one subject add it once). Returns the
-        number of templates added.
+        the transaction, so concurrent enrolments of one subject add it once). In subject-key
+        mode `subject_key` is the key the codes were made with: only its id is stored, and a
+        subject already enrolled must come with the same key. Returns the number of templates
+        added.
         """
         check_name(name)
         codes = np.atleast_2d(codes)
         if len(codes) != len(sources) or not len(codes):
             raise UserError(f'{name}: need one source per code and at least one code')
+        if self.subject_keys != (subject_key is not None):
+            raise UserError(f'{self.db_path}: a {self.meta["key_mode"]}-key gallery enrols '
+                            + ('with the subject\'s key' if self.subject_keys else
+                               'under its application key, not a subject key'))
+        kid = None if subject_key is None else key_id(subject_key)
         now = time.time()
-        rows = self._rows([name] * len(codes), codes, sources, now)
+        rows = self._rows([name] * len(codes), codes, sources, now, kid)
         with self._write() as conn:
-            if only_new and conn.execute('SELECT 1 FROM templates WHERE name = ? LIMIT 1',
-                                         (name,)).fetchone():
+            held = conn.execute('SELECT key_id FROM templates WHERE name = ? LIMIT 1',
+                                (name,)).fetchone()
+            if only_new and held:
                 return 0
+            if held and kid and held[0] != kid:
+                raise UserError(f'{name!r} is enrolled under another key: give the key file '
+                                'issued at the first enrolment, or revoke and enrol again for a '
+                                'new key')
             conn.executemany('INSERT INTO templates (name, codes, key_id, model_fp, source, '
                              'created) VALUES (?, ?, ?, ?, ?, ?)', rows)
             conn.execute('INSERT INTO audit (time, event, name, detail) VALUES (?, ?, ?, ?)',
@@ -330,7 +385,8 @@ class Gallery:
 
     def enroll_bulk(self, names, codes, source='bulk'):
         """Add one template per row of `codes` for `names` (one subject each) in one transaction:
-        the fast path for large imports. Returns the number added."""
+        the fast path for large imports (application keys only). Returns the number added."""
+        self._refuse_in_subject_mode('bulk enrolment', 'each subject needs a key of its own')
         codes = np.asarray(codes)
         if len(names) != len(codes):
             raise UserError(f'{len(names)} names for {len(codes)} codes')
@@ -357,6 +413,8 @@ class Gallery:
 
     def rekey(self):
         """New application key: every stored template is deleted (subjects must re-enrol)."""
+        self._refuse_in_subject_mode('rekey', 'there is no application key; a subject gets a new '
+                                     'key by being revoked and enrolled again')
         new = new_key()
         kpath = key_path(self.db_path)
         pending = kpath + PENDING_SUFFIX
@@ -430,6 +488,7 @@ class Gallery:
 
     def identify(self, code, top_k=5):
         """[(name, distance, template id)] of the top_k closest templates, best first."""
+        self.check_can_identify()
         ids, codes = self.code_matrix()
         if not len(ids):
             raise UserError(f'{self.db_path}: no one is enrolled')
@@ -457,7 +516,9 @@ class Hasher:
     """The IoM model of a config under an application key: photos -> uint8 codes."""
 
     def __init__(self, cfg, key):
-        from modules.models import load_iom_model
+        from modules.models import check_rekeyable, load_iom_model
+        if key is not None:
+            check_rekeyable(cfg)
         self.cfg = cfg
         self.model = load_iom_model(cfg, perm_key=key, verbose=False)
         if not self.model.loaded_from['iom']:
@@ -465,19 +526,27 @@ class Hasher:
                             'model first (a gallery of a random projection is useless)')
         self.fingerprint = model_fingerprint(self.model, cfg['m'], cfg['q'])
 
-    def codes(self, faces):
-        """uint8 codes (N, m) of aligned uint8 faces (N, size, size, 3)."""
+    def codes(self, faces, subject_key=None):
+        """uint8 codes (N, m) of aligned uint8 faces (N, size, size, 3), under the application
+        key or, when given, a subject's key (the embedding model runs once either way)."""
         faces = np.asarray(faces)
         batch = self.cfg['eval_batch_size']
-        out = [self.model(faces[i:i + batch].astype(np.float32) / 255.0, training=False).numpy()
-               for i in range(0, len(faces), batch)]
-        return pack_codes(np.concatenate(out), self.cfg['q'], 'model output')
+        if subject_key is None:
+            net = self.model
+        else:
+            from modules.models import iom_codes
+            net = self.model.get_layer('arcface_model')
+        out = np.concatenate([net(faces[i:i + batch].astype(np.float32) / 255.0,
+                                  training=False).numpy() for i in range(0, len(faces), batch)])
+        if subject_key is not None:
+            out = iom_codes(self.model, out, perm_key=subject_key)
+        return pack_codes(out, self.cfg['q'], 'model output')
 
-    def photo_codes(self, paths, align='auto'):
+    def photo_codes(self, paths, align='auto', subject_key=None):
         """uint8 codes of photo files (aligned with modules.align when not already crops)."""
         from modules.align import load_face
         size = self.cfg['input_size']
-        return self.codes(np.stack([load_face(p, size, align) for p in paths]))
+        return self.codes(np.stack([load_face(p, size, align) for p in paths]), subject_key)
 
 
 def identity_folders(input_dir):

@@ -13,6 +13,7 @@ from modules.layers import (
     PermLayer,
     iom_hidden_layers,
 )
+from modules.utils import UserError
 
 layers = tf.keras.layers
 
@@ -162,6 +163,17 @@ def key_bound(cfg):
     """True when the model's codes are valid only under the key it was trained with."""
     return (cfg.get('perm_position', 'projection') == 'input'
             and cfg['hidden_layer_remark'] not in ('1', 'T1'))
+
+
+def check_rekeyable(cfg):
+    """UserError when the model of `cfg` works only under the key it was trained with."""
+    if key_bound(cfg):
+        raise UserError(
+            f"{cfg['sub_name']}: its hidden layers ('{cfg['hidden_layer_remark']}') come after the "
+            "key permutation (perm_position: input), so its codes are valid only under the key "
+            f"it was trained with (perm_key {cfg.get('perm_key')}); a gallery key or a new key "
+            'means training stage 2 again with perm_position: projection (the default), about '
+            "a minute for the quickstart's 400 steps with cache_embeddings on 2 CPU cores")
 
 
 def trained_iom_layers(iom_model):

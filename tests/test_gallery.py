@@ -289,3 +289,68 @@ def test_rekey_revokes_old_codes_and_another_model_is_refused(tiny, monkeypatch)
     monkeypatch.chdir(other_dir)
     with pytest.raises(UserError, match='made by another model'):
         gallery.check_model(Hasher(cfg, gallery.key).fingerprint, M, Q)
+
+
+# ---------------------------------------------------------------------------------------------
+# Subject-held keys.
+def test_subject_key_gallery_stores_no_key_and_refuses_what_needs_one(tmp_path):
+    from modules.gallery import key_id, new_key
+    gallery = Gallery.create(str(tmp_path / 's.sqlite'), 'tiny.yaml', M, Q, 'f' * 64, 'subject')
+    assert gallery.subject_keys and gallery.key is None and not os.path.exists(key_path(gallery.db_path))
+    codes = np.random.default_rng(0).integers(0, Q, (2, M))
+    alice, bob = new_key(), new_key()
+    gallery.enroll('alice', codes[:1], ['a.jpg'], subject_key=alice)
+    gallery.enroll('alice', codes[1:], ['b.jpg'], subject_key=alice)  # same key: added
+    gallery.enroll('bob', codes[:1], ['c.jpg'], subject_key=bob)
+    assert gallery.subject_key_id('alice') == key_id(alice) != gallery.subject_key_id('bob')
+    assert gallery.key_matches('alice', alice) and not gallery.key_matches('alice', bob)
+    with pytest.raises(UserError, match='enrolled under another key'):
+        gallery.enroll('alice', codes[:1], ['d.jpg'], subject_key=bob)
+    with pytest.raises(UserError, match="with the subject's key"):
+        gallery.enroll('carol', codes[:1], ['e.jpg'])
+    for refused in (lambda: gallery.identify(codes[0]), gallery.rekey,
+                    lambda: gallery.enroll_bulk(['x'], codes[:1])):
+        with pytest.raises(UserError, match='subject-key gallery'):
+            refused()
+    gallery.close()
+    reopened = Gallery.open(gallery.db_path)
+    assert reopened.subject_keys and reopened.count() == 3
+    assert reopened.verify('alice', codes[1]) == 0
+    reopened.revoke('alice')
+    reopened.close()
+    data = gallery_bytes(gallery.db_path)
+    for key in (alice, bob):
+        for text in (f'{key:x}', f'{key}'):
+            assert text.encode() not in data
+        assert key.to_bytes(16, 'little') not in data and key.to_bytes(16, 'big') not in data
+
+
+def test_cli_subject_keys_verify_with_right_wrong_and_missing_key(tiny):
+    from modules.gallery import new_key, write_key
+    work, cfg_path, _, _ = tiny
+    out = gallery_cli(work, 'init', '--cfg_path', cfg_path, '--db', 'subj.sqlite',
+                      '--key_mode', 'subject')
+    assert out.returncode == 0 and 'no key' in out.stdout, out.stderr
+    assert not os.path.exists(work / 'subj.sqlite.key')
+    out = gallery_cli(work, 'enroll', '--db', 'subj.sqlite', '--name', 'alice', '--image',
+                      'people/alice/1.jpg')
+    assert out.returncode == 2 and 'needs --key_out' in out.stderr
+    out = gallery_cli(work, 'enroll', '--db', 'subj.sqlite', '--name', 'alice', '--image',
+                      'people/alice/1.jpg', '--key_out', 'alice.key')
+    assert out.returncode == 0, out.stderr
+    assert stat.S_IMODE(os.stat(work / 'alice.key').st_mode) == 0o600
+    key_hex = (work / 'alice.key').read_text().strip()
+    assert key_hex.encode() not in gallery_bytes(str(work / 'subj.sqlite'))
+    write_key(str(work / 'guess.key'), new_key())
+    verify = ('verify', '--db', 'subj.sqlite', '--name', 'alice', '--image',
+              'people/alice/1.jpg', '--threshold', '1')
+    right = gallery_cli(work, *verify, '--subject_key', 'alice.key')
+    assert right.returncode == 0 and 'distance 0 / 32' in right.stdout, right.stderr
+    # A wrong key never matches, even with a threshold that would accept any code.
+    wrong = gallery_cli(work, *verify[:-1], '32', '--subject_key', 'guess.key')
+    assert wrong.returncode == 1 and 'NO MATCH (the key is not' in wrong.stdout, wrong.stderr
+    missing = gallery_cli(work, *verify)
+    assert missing.returncode == 2 and 'needs --subject_key' in missing.stderr
+    identify = gallery_cli(work, 'identify', '--db', 'subj.sqlite', '--image', 'stranger.jpg')
+    assert identify.returncode == 2 and 'identify is not possible' in identify.stderr
+    assert len(identify.stderr.strip().splitlines()) == 1

@@ -260,8 +260,19 @@ def test_eval_protection_cli(tmp_path):
     bad = _run_cli(['--cfg_path', 'cfg.yaml', '--num_keys', '1'], tmp_path)
     assert bad.returncode == 2 and 'num_keys' in bad.stderr
 
-    done = _run_cli(['--cfg_path', 'cfg.yaml', '--num_keys', '3'], tmp_path)
+    bad = _run_cli(['--cfg_path', 'cfg.yaml', '--attacks', '--far', '2'], tmp_path)
+    assert bad.returncode == 2 and '--far: 2 must lie in (0, 1)' in bad.stderr
+
+    done = _run_cli(['--cfg_path', 'cfg.yaml', '--num_keys', '3', '--attacks', '--victims', '4',
+                     '--attack_keys', '2', '--far', '0.5'], tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert 'Stolen-key attacks: 4 victims' in done.stdout and 'seconds per victim' in done.stdout
+    with open(tmp_path / 'logs' / 'prot' / 'protection_attacks.json') as fh:
+        attacks = json.load(fh)
+    # (This untrained model's embeddings are ~1e-12: exact inversion is tested in test_attacks.)
+    assert attacks['victims'] == 4 and set(attacks) >= {'lp', 'gradient', 'baselines', 'linkage'}
+    assert set(attacks['at_far']) == {'far=0.5'} and 'baselines' in attacks['at_far']['far=0.5']
+    assert os.path.getsize(tmp_path / 'logs' / 'prot' / 'protection_attacks.png') > 1000
     assert 'D_sys (mated: genuine pairs)' in done.stdout
     with open(tmp_path / 'logs' / 'prot' / 'protection_lfw.json') as fh:
         report = json.load(fh)
@@ -269,3 +280,4 @@ def test_eval_protection_cli(tmp_path):
     assert 0.0 <= report['d_sys'] <= 1.0 and 0.0 <= report['revocability_rate'] <= 1.0
     assert report['num_mated'] == 3 * 2 * 2 * 6 and report['threshold'] > 0
     assert os.path.getsize(tmp_path / 'logs' / 'prot' / 'unlinkability_lfw.png') > 1000
+    assert isinstance(report['key_change_ok'], bool) and 0 <= report['zero_effort_rate'] <= 1
