@@ -64,8 +64,8 @@ def _open_with_model(gallery_cls, name=None):
     cfg = load_config(FLAGS.cfg_path or gallery.meta['cfg_path'], STAGE2_REQUIRED)
     quiet_tensorflow()
     if gallery.subject_keys:
-        from modules.models import check_rekeyable
-        check_rekeyable(cfg)
+        from modules.gallery import check_key_change
+        check_key_change(cfg)
     hasher = Hasher(cfg, gallery.key)
     gallery.check_model(hasher.fingerprint, cfg['m'], cfg['q'])
     return gallery, hasher, cfg
@@ -128,8 +128,8 @@ def main(argv):
         _require(command, 'cfg_path')
         Gallery.check_new(FLAGS.db)  # before the model is loaded
         cfg = load_config(FLAGS.cfg_path, STAGE2_REQUIRED)
-        from modules.models import check_rekeyable
-        check_rekeyable(cfg)
+        from modules.gallery import check_key_change
+        check_key_change(cfg)
         quiet_tensorflow()
         # The fingerprint does not depend on the key (PermLayer has no weights).
         hasher = Hasher(cfg, key=None)
@@ -192,8 +192,9 @@ def main(argv):
     elif command == 'rekey':
         gallery = Gallery.open(FLAGS.db)
         if not gallery.subject_keys:
-            from modules.models import check_rekeyable
-            check_rekeyable(load_config(FLAGS.cfg_path or gallery.meta['cfg_path'], STAGE2_REQUIRED))
+            from modules.gallery import check_key_change
+            check_key_change(load_config(FLAGS.cfg_path or gallery.meta['cfg_path'],
+                                         STAGE2_REQUIRED))
         old = gallery.meta['key_id']
         deleted = gallery.rekey()
         print(f"[*] new key {gallery.meta['key_id']} (was {old}) in {FLAGS.db}.key; {deleted} "

@@ -20,6 +20,7 @@ whole enrolment or none. A `generation` counter in the meta table changes with e
 in-memory code matrix used by `identify` is rebuilt only when it has moved.
 """
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -148,6 +149,30 @@ def decision_threshold(cfg, threshold=None, far=None):
     except UserError as err:
         raise UserError(f'{path}: on {name}, {err}; pass --threshold') from None
     return threshold, f'FAR <= {far:g} on {name} (measured FAR {measured:.2e}), {path}'
+
+
+def check_key_change(cfg):
+    """UserError when the model of `cfg` cannot be used under a key other than its training one.
+
+    Refused: a model whose hidden layers follow the permutation (`perm_position: input`), and a
+    model whose latest eval_protection.py report, for the checkpoint in use now, found its codes
+    unfit for a new key (EER worse under new keys, or revoked codes still accepted).
+    """
+    from modules.models import check_rekeyable, latest_checkpoint
+    check_rekeyable(cfg)
+    ckpt = latest_checkpoint(os.path.join('checkpoints', cfg['sub_name']))
+    for path in sorted(glob.glob(os.path.join(log_dir(cfg), 'protection_*.json'))):
+        try:
+            with open(path, encoding='utf-8') as fh:
+                report = json.load(fh)
+        except (OSError, ValueError):
+            continue  # not a protection report of ours: nothing measured to go by
+        if (isinstance(report, dict) and report.get('key_change_ok') is False
+                and (report.get('loaded_from') or {}).get('iom') == ckpt):
+            problem = (report.get('key_change_problems') or ['codes unfit for a new key'])[0]
+            raise UserError(f"{path}: eval_protection.py found that {cfg['sub_name']}'s codes do "
+                            f'not work under a new key ({problem}); train stage 2 again (another '
+                            'hidden_layer_remark or temperature) or keep one fixed key')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -516,9 +541,9 @@ class Hasher:
     """The IoM model of a config under an application key: photos -> uint8 codes."""
 
     def __init__(self, cfg, key):
-        from modules.models import check_rekeyable, load_iom_model
+        from modules.models import load_iom_model
         if key is not None:
-            check_rekeyable(cfg)
+            check_key_change(cfg)
         self.cfg = cfg
         self.model = load_iom_model(cfg, perm_key=key, verbose=False)
         if not self.model.loaded_from['iom']:

@@ -236,3 +236,29 @@ def test_key_change_verdict_flags_worse_eer_and_revocable_codes():
     assert not ok and 'EER under new keys' in problems[0]
     ok, problems, _ = key_change_verdict(dict(good, revocability_rate_same_sample=0.27))
     assert not ok and 'revocability rate 0.2700' in problems[0]
+
+
+def test_gallery_refuses_a_model_its_protection_report_found_unfit_for_new_keys(tmp_path,
+                                                                                monkeypatch):
+    import json
+
+    from modules.gallery import check_key_change
+    monkeypatch.chdir(tmp_path)
+    cfg = stack_cfg('T1')
+    ckpt_dir = tmp_path / 'checkpoints' / cfg['sub_name']
+    ckpt_dir.mkdir(parents=True)
+    (ckpt_dir / 'checkpoint').write_text('model_checkpoint_path: "ckpt-2"\n')
+    (ckpt_dir / 'ckpt-2.index').write_bytes(b'')
+    logs = tmp_path / 'logs' / cfg['sub_name']
+    logs.mkdir(parents=True)
+    check_key_change(cfg)  # nothing measured: accepted
+    report = {'key_change_ok': False, 'key_change_problems': ['revocability rate 0.0210 > 0.01'],
+              'loaded_from': {'iom': 'checkpoints/attack_test/ckpt-1'}}
+    (logs / 'protection_lfw.json').write_text(json.dumps(report))
+    check_key_change(cfg)  # the report is of an older checkpoint
+    report['loaded_from']['iom'] = 'checkpoints/attack_test/ckpt-2'
+    (logs / 'protection_lfw.json').write_text(json.dumps(report))
+    with pytest.raises(UserError, match=r'protection_lfw.json: .*revocability rate 0.0210'):
+        check_key_change(cfg)
+    (logs / 'protection_lfw.json').write_text(json.dumps(dict(report, key_change_ok=True)))
+    check_key_change(cfg)
