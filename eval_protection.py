@@ -222,7 +222,7 @@ def run_attacks(cfg, model, embeddings, issame, fars, out_dir):
     from modules.attacks import attack_report
     if FLAGS.victims < 2 or FLAGS.attack_keys < 1:
         raise UserError('--victims must be at least 2 and --attack_keys at least 1')
-    report, _, _ = attack_report(model, embeddings, issame, FLAGS.victims, FLAGS.attack_keys,
+    report = attack_report(model, embeddings, issame, FLAGS.victims, FLAGS.attack_keys,
                                  fars, seed=FLAGS.seed)
     print(format_attack_table(report))
     plot_path = os.path.join(out_dir, 'protection_attacks.png')

@@ -230,12 +230,11 @@ def attack_report(model_or_stack, embeddings, issame, victims=200, attack_keys=5
     """Run the stolen-key attacks on a verification set's embeddings; return the report dict.
 
     `model_or_stack` is a stage-2 IoM model or a `KeyedStack`; `embeddings` (2N, d) are the
-    float embeddings of the set's images, `issame` its N pair
-    labels. A random key plays the stolen one; `attack_keys` new keys the re-issued ones after
-    revocation, another random key the attacker's wrong guess. Victims are genuine pairs: image
-    A is enrolled (its code is stolen), image B is another photo of the same person. Thresholds
-    are the set's own under the stolen key. `attacks` may leave out 'lp' (and must leave it out
-    for stacks with hidden layers).
+    float embeddings of the set's images, `issame` its N pair labels. A random key plays the
+    stolen one; `attack_keys` new keys the re-issued ones after revocation, another random key
+    the attacker's wrong guess. Victims are genuine pairs: image A is enrolled (its code is
+    stolen), image B is another photo of the same person. Thresholds are the set's own under the
+    stolen key. The linear program runs only on stacks without hidden layers.
     """
     embeddings = np.asarray(embeddings, np.float32)
     rng = np.random.default_rng(seed)
@@ -324,7 +323,7 @@ def attack_report(model_or_stack, embeddings, issame, victims=200, attack_keys=5
         'impostor': distances['baselines']['impostor_accept'].ravel(),
         **{f'attack_{name}': distances[name]['cross_key_accept_same_image'].ravel()
            for name in found}}
-    return report, found.get('gradient', found.get('lp')), stolen_stack
+    return report
 
 
 def _linkage(preimages_1, codes_1, stack_2, x_b, radius, seed):

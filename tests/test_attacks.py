@@ -85,7 +85,7 @@ def test_gradient_attack_inverts_a_hidden_layer_stack_and_lp_refuses_it():
 @pytest.fixture(scope='module')
 def report():
     embeddings, issame = verification_set()
-    result, _, _ = attack_report(built_stack(stack_cfg('1', m=32)), embeddings, issame,
+    result = attack_report(built_stack(stack_cfg('1', m=32)), embeddings, issame,
                                  victims=12, attack_keys=2, fars=(0.1,), seed=3,
                                  progress=lambda _: None)
     return result
