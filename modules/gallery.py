@@ -470,12 +470,18 @@ class Hasher:
             raise UserError(f"no stage-2 checkpoint in checkpoints/{cfg['sub_name']}/: train the "
                             'model first (a gallery of a random projection is useless)')
         self.fingerprint = model_fingerprint(self.model, cfg['m'], cfg['q'])
+        import tensorflow as tf
+        size = cfg['input_size']
+        # One graph for every batch size: an eager call of the model costs ~0.1 s of Python per
+        # batch, which would dominate one-photo requests (the CLI, the service).
+        self._forward = tf.function(lambda x: self.model(x, training=False), input_signature=[
+            tf.TensorSpec([None, size, size, 3], tf.float32)])
 
     def codes(self, faces):
         """uint8 codes (N, m) of aligned uint8 faces (N, size, size, 3)."""
         faces = np.asarray(faces)
         batch = self.cfg['eval_batch_size']
-        out = [self.model(faces[i:i + batch].astype(np.float32) / 255.0, training=False).numpy()
+        out = [self._forward(faces[i:i + batch].astype(np.float32) / 255.0).numpy()
                for i in range(0, len(faces), batch)]
         return pack_codes(np.concatenate(out), self.cfg['q'], 'model output')
 

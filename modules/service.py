@@ -3,9 +3,9 @@
 Requests are checked (bearer token, body size, pixel count), the photo is decoded and aligned in
 a worker thread, hashed by the micro-batching queue (photos arriving within `batch_wait_ms` go
 through the model in one call, on a thread of its own), and decided by the same `Gallery` methods
-and threshold as gallery.py. Every gallery call runs on one database thread: the SQLite
-connection is used by one thread, and writes from other processes (gallery.py, `serve.py
-token`) are seen on the next request.
+and threshold as gallery.py. Every gallery call runs on one database thread (an SQLite connection
+belongs to one thread), except the token lookup, which reads on the event loop's own connection;
+writes from other processes (gallery.py, `serve.py token`) are seen on the next request.
 
 What never leaves the process: the application key, tokens (only their SHA-256 is stored and a
 presented token is only hashed), embeddings. Error bodies are one line, `{"detail": ...}`.
@@ -177,6 +177,7 @@ class Service:
                             'again')
         self.cfg = cfg
         self.settings = settings
+        self.auth_gallery = None  # opened by the app's lifespan, on the event loop's thread
         self.batcher = Batcher(self._hash_faces, settings.max_batch, settings.batch_wait_s)
 
     def _hash_faces(self, faces):
@@ -255,7 +256,9 @@ def _bearer(request):
 def _role_checker(required):
     async def check(request: Request):
         service = request.app.state.service
-        role = await service.db(token_role, service.gallery, _bearer(request))
+        # A lookup of a few rows on the event loop's own connection (WAL: readers never wait
+        # for writers) costs less than a hop to the database thread, and sees revocations at once.
+        role = token_role(service.auth_gallery, _bearer(request))
         if role is None:
             raise HTTPException(401, 'invalid or revoked token', {'WWW-Authenticate': 'Bearer'})
         if required == 'admin' and role != 'admin':
@@ -278,6 +281,7 @@ def create_app(gallery, hasher, cfg, settings):
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        service.auth_gallery = type(gallery).open(gallery.db_path)  # on the event loop's thread
         service.batcher.start()
         try:
             yield
@@ -285,6 +289,7 @@ def create_app(gallery, hasher, cfg, settings):
             await service.batcher.stop()
             await service.db(gallery.close)
             service.db_thread.shutdown(wait=True)
+            service.auth_gallery.close()
 
     app = FastAPI(title='IoMFace verification service', lifespan=lifespan,
                   description='Protected-template (IoM hash) face verification. Send '
@@ -295,11 +300,13 @@ def create_app(gallery, hasher, cfg, settings):
 
     @app.get('/healthz')
     async def healthz():
-        """Liveness and what is served: template count, code size, model and key ids."""
+        """Liveness and what is served: template count, code size, model and key ids, threshold,
+        photos hashed and model calls so far (their ratio is the mean batch size)."""
         count = await service.db(gallery.count)
         return {'status': 'ok', 'templates': count, 'm': gallery.m, 'q': gallery.q,
                 'model_fingerprint': gallery.meta['model_fp'], 'key_id': gallery.meta['key_id'],
-                'threshold': settings.threshold}
+                'threshold': settings.threshold, 'photos_hashed': service.batcher.hashed,
+                'model_calls': service.batcher.batches}
 
     @app.post('/v1/subjects/{name}/templates', status_code=201, dependencies=[admin_auth])
     async def enroll(name: str, image: UploadFile = IMAGE, return_crop: bool = WANT_CROP):
@@ -331,7 +338,6 @@ def create_app(gallery, hasher, cfg, settings):
     async def verify(name: str = Form(..., description='claimed subject'),
                      image: UploadFile = IMAGE, return_crop: bool = WANT_CROP):
         """1:1 — is this photo `name`? The smallest Hamming distance to its templates."""
-        await service.db(gallery.templates_of, name)  # 404 before the photo is worked on
         code, kid, crop = await service.probe(image, return_crop)
 
         def decide():
