@@ -20,10 +20,11 @@ import logging
 import os
 
 import numpy as np
-from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi import Depends, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modules.align import face_crop, read_photo
@@ -291,7 +292,8 @@ def create_app(gallery, hasher, cfg, settings):
             service.db_thread.shutdown(wait=True)
             service.auth_gallery.close()
 
-    app = FastAPI(title='IoMFace verification service', lifespan=lifespan,
+    # FastAPIOffline: FastAPI whose /docs page serves Swagger UI from this server, not a CDN.
+    app = FastAPIOffline(title='IoMFace verification service', lifespan=lifespan,
                   description='Protected-template (IoM hash) face verification. Send '
                   '`Authorization: Bearer <token>`; tokens come from `serve.py token add`.')
     app.state.service = service

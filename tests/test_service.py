@@ -117,6 +117,11 @@ def test_tokens_roles_and_revocation(svc):
     r = httpx.get(url + '/v1/subjects', headers=bearer(svc['client']))
     assert r.status_code == 403 and r.json() == {'detail': 'this needs an admin token'}
     assert httpx.get(url + '/v1/subjects', headers=bearer(svc['admin'])).json() == {'subjects': []}
+    # The page and the API docs need no token and load nothing from elsewhere.
+    page = httpx.get(url + '/')
+    assert page.status_code == 200 and "default-src 'self'" in page.headers['content-security-policy']
+    docs = httpx.get(url + '/docs').text
+    assert 'swagger-ui-bundle.js' in docs and 'http' not in docs.replace('http-equiv', '')
     # A token made and revoked on the command line while the server runs.
     extra = token(work, db, 'client')
     assert httpx.post(url + '/v1/identify', files=photo,
