@@ -48,7 +48,7 @@ class Settings:
     max_pixels: int = 40_000_000
     align: str = 'auto'
     max_batch: int = 64
-    batch_wait_s: float = 0.004
+    batch_wait_s: float = 0.010
 
 
 class BodyLimit:
@@ -89,9 +89,12 @@ def _too_large(limit):
 
 
 class Batcher:
-    """Micro-batching: `code(face)` awaits the code of one aligned face; faces that arrive while
-    the model is busy or within `wait_s` of the first are hashed together in one model call on
-    the model thread, off the event loop."""
+    """Micro-batching: `code(face)` awaits the code of one aligned face. Faces that arrive while
+    the model is busy are hashed together in one model call on the model thread, off the event
+    loop. A batch waits up to `wait_s` for more while photos are being decoded (`preparing()`)
+    or while requests come concurrently (the last batch had several): the clients just answered
+    are then on their way back, and one call for all of them beats two half-full ones. A lone
+    client's request goes straight to the model."""
 
     def __init__(self, hash_faces, max_batch, wait_s):
         self.hash_faces = hash_faces
@@ -102,6 +105,17 @@ class Batcher:
         self.task = None
         self.batches = 0
         self.hashed = 0
+        self.incoming = 0
+        self.last_batch = 0
+
+    @contextlib.contextmanager
+    def preparing(self):
+        """Around the decoding of a photo that will be hashed: batches wait for it."""
+        self.incoming += 1
+        try:
+            yield
+        finally:
+            self.incoming -= 1
 
     def start(self):
         """Start the batching loop on the running event loop."""
@@ -136,7 +150,7 @@ class Batcher:
             while len(batch) < self.max_batch:
                 if self.queue.empty():
                     remaining = deadline - loop.time()
-                    if remaining <= 0:
+                    if remaining <= 0 or not (self.incoming or self.last_batch > 1):
                         break
                     try:
                         batch.append(await asyncio.wait_for(self.queue.get(), remaining))
@@ -145,6 +159,7 @@ class Batcher:
                 else:
                     batch.append(self.queue.get_nowait())
             live = [(face, fut) for face, fut in batch if not fut.cancelled()]
+            self.last_batch = len(live)
             if not live:
                 continue
             try:
@@ -195,15 +210,16 @@ class Service:
 
     async def probe(self, upload, want_crop=False):
         """(code, key id, crop data URL or None) of an uploaded photo; 413/422 for a bad image."""
-        data = await upload.read()
         source = _upload_name(upload)
-        face = await asyncio.get_running_loop().run_in_executor(
-            None, self._face, data, source)
+        with self.batcher.preparing():
+            data = await upload.read()
+            face = await asyncio.get_running_loop().run_in_executor(
+                None, self._face, data, source)
         code, kid = await self.batcher.code(face)
         return code, kid, (_data_url(face) if want_crop else None)
 
     def _face(self, data, source):
-        size = _pixel_size(data)
+        size = _pixel_size(data, source)
         if size is not None and size[0] * size[1] > self.settings.max_pixels:
             raise HTTPException(413, f'{source}: {size[0]}x{size[1]} pixels, over --max_pixels '
                                 f'{self.settings.max_pixels}')
@@ -226,14 +242,14 @@ def _upload_name(upload):
     return ''.join(c if c.isprintable() else '?' for c in name)[:_SOURCE_CHARS]
 
 
-def _pixel_size(data):
+def _pixel_size(data, source):
     """(width, height) from the image header, None when PIL cannot tell (read_photo says why)."""
     from PIL import Image
     try:
         with Image.open(io.BytesIO(data)) as img:
             return img.size
-    except Image.DecompressionBombError:
-        return (Image.MAX_IMAGE_PIXELS, 2)  # PIL refused it as a bomb: over any sane limit
+    except Image.DecompressionBombError as err:  # PIL's own, larger limit
+        raise HTTPException(413, f'{source}: image too large ({err})') from None
     except Exception:  # not an image / damaged: read_photo gives the user-facing message
         return None
 

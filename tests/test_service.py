@@ -309,14 +309,20 @@ def test_sixteen_clients_1000_mixed_requests(svc):
     clients = [Client(svc['server'].url, i, [jpeg(faces[(2 * i + j) % len(faces)]) for j in range(2)],
                       svc['admin'], svc['client'], 63 if i < 8 else 62, i) for i in range(16)]
     deadline = time.time() + 240
+    before = httpx.get(svc['server'].url + '/healthz').json()
     start = time.time()
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda c: c.run(deadline), clients))
     elapsed = time.time() - start
+    after = httpx.get(svc['server'].url + '/healthz').json()
     statuses = [s for c in clients for s in c.statuses]
+    hashed = after['photos_hashed'] - before['photos_hashed']
+    batch = hashed / (after['model_calls'] - before['model_calls'])
     print(f'{len(statuses)} requests from 16 clients in {elapsed:.1f} s '
-          f'({len(statuses) / elapsed:.0f}/s); statuses {sorted(set(statuses))}')
+          f'({len(statuses) / elapsed:.0f}/s); statuses {sorted(set(statuses))}; {hashed} photos '
+          f'hashed, {batch:.1f} per model call')
     assert len(statuses) == 1000 and max(statuses) < 500
+    assert batch > 1.5  # concurrent photos share model calls
     assert [e for c in clients for e in c.errors] == []
     expected = {name: n for c in clients for name, n in c.enrolled.items()}
     final = {name: count for name, count, _, _ in Gallery.open(svc['db']).subjects()}

@@ -66,6 +66,7 @@ def answer_after(driver, button, *fragments):
 
 def test_enrol_then_verify_a_rotated_copy_and_a_wrong_token(page):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
     driver, server, admin, grace, rotated = page
     driver.get(server.url + '/')
     assert driver.title == 'IoMFace verification'
@@ -81,8 +82,10 @@ def test_enrol_then_verify_a_rotated_copy_and_a_wrong_token(page):
     print('browser verify of the rotated copy:', text)
     assert text.startswith('MATCH: Grace Hopper, distance '), text
     assert int(text.split('distance ')[1].split(' /')[0]) <= THRESHOLD
-    crop = driver.execute_script(
-        "const i = document.getElementById('crop'); return [i.naturalWidth, i.naturalHeight];")
+    # The crop shown is what the server hashed (an image decodes asynchronously: wait for it).
+    crop = WebDriverWait(driver, WAIT_S).until(lambda d: d.execute_script(
+        "const i = document.getElementById('crop');"
+        "return i.complete && i.naturalWidth ? [i.naturalWidth, i.naturalHeight] : null;"))
     assert crop == [112, 112]
     text = answer_after(driver, 'identify', 'Best match', 'No one')
     assert text.startswith('Best match: Grace Hopper'), text
