@@ -111,13 +111,23 @@ async def drive(url, token, endpoint, bodies, clients, per_client):
     return wall, np.asarray(latencies), batch
 
 
+def cpu_seconds(pid=None):
+    """CPU time (user + system) of this process, or of process `pid` (Linux /proc)."""
+    if pid is None:
+        return time.process_time()
+    with open(f'/proc/{pid}/stat') as fh:
+        fields = fh.read().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
 def offline_rate(hasher, faces):
-    """Photos/s of hashing decoded crops in eval_batch_size batches (after one warm-up pass)."""
+    """(photos/s, CPU s per photo) of hashing decoded crops in eval_batch_size batches (after
+    one warm-up batch)."""
     batch = np.resize(faces, (FLAGS.offline_images, *faces.shape[1:]))
     hasher.codes(batch[:hasher.cfg['eval_batch_size']])
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     hasher.codes(batch)
-    return len(batch) / (time.perf_counter() - start)
+    return len(batch) / (time.perf_counter() - start), (cpu_seconds() - cpu) / len(batch)
 
 
 @cli_guard
@@ -167,27 +177,33 @@ def main(_):
             offline.append(offline_rate(hasher, faces))
             for clients in CLIENTS:
                 for endpoint in ENDPOINTS:
-                    results[clients, endpoint].append(asyncio.run(drive(
+                    cpu = cpu_seconds(), cpu_seconds(proc.pid)
+                    wall, latencies, batch = asyncio.run(drive(
                         url, token, endpoint, bodies[endpoint], clients,
-                        FLAGS.requests_per_client)))
+                        FLAGS.requests_per_client))
+                    # Per request, warm-up included (its share is 2 of 2 + requests_per_client).
+                    n = clients * (2 + FLAGS.requests_per_client)
+                    results[clients, endpoint].append((wall, latencies, batch, (
+                        cpu_seconds(proc.pid) - cpu[1]) / n, (cpu_seconds() - cpu[0]) / n))
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
-    base = float(np.median(offline))
+    base = float(np.median([rate for rate, _ in offline]))
     print(f'\noffline batched hashing: {base:.1f} photos/s (median of {len(offline)}: '
-          + ', '.join(f'{r:.1f}' for r in offline) + ')\n')
+          + ', '.join(f'{r:.1f}' for r, _ in offline) + '), '
+          f'{np.median([c for _, c in offline]) * 1e3:.1f} CPU ms per photo\n')
     print('| clients | endpoint | requests/s | p50 ms | p99 ms | photos per model call | '
-          'requests/s / offline |')
-    print('| ---: | --- | ---: | ---: | ---: | ---: | ---: |')
+          'server CPU ms / request | client CPU ms / request | requests/s / offline |')
+    print('| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |')
     for (clients, endpoint), runs in results.items():
-        rate = float(np.median([len(lat) / wall for wall, lat, _ in runs]))
-        p50 = np.median([np.percentile(lat, 50) for _, lat, _ in runs]) * 1e3
-        p99 = np.median([np.percentile(lat, 99) for _, lat, _ in runs]) * 1e3
-        batch = np.median([b for _, _, b in runs])
+        rate = float(np.median([len(r[1]) / r[0] for r in runs]))
+        p50 = np.median([np.percentile(r[1], 50) for r in runs]) * 1e3
+        p99 = np.median([np.percentile(r[1], 99) for r in runs]) * 1e3
+        batch, server_cpu, client_cpu = np.median([r[2:] for r in runs], axis=0)
         print(f'| {clients} | {endpoint} | {rate:.1f} | {p50:.1f} | {p99:.1f} | {batch:.1f} | '
-              f'{rate / base:.2f} |')
+              f'{server_cpu * 1e3:.1f} | {client_cpu * 1e3:.1f} | {rate / base:.2f} |')
     for endpoint in ENDPOINTS:
-        rate = float(np.median([len(lat) / wall for wall, lat, _ in results[16, endpoint]]))
+        rate = float(np.median([len(r[1]) / r[0] for r in results[16, endpoint]]))
         print(f'ratio 16-client {endpoint} requests/s / offline: {rate / base:.2f} (target >= 0.7)')
 
 
