@@ -16,7 +16,7 @@ import sys
 from absl import app, flags
 
 from modules.align import ALIGN_MODES
-from modules.utils import STAGE2_REQUIRED, UserError, cli_guard, load_config, quiet_tensorflow
+from modules.utils import UserError, cli_guard
 
 COMMANDS = ('init', 'enroll', 'enroll_dir', 'verify', 'identify', 'revoke', 'rekey', 'list')
 flags.DEFINE_string('db', None, 'gallery database file (its key file is <db>.key)')
@@ -52,23 +52,6 @@ def _require(command, *names):
 
 def _when(ts):
     return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime('%Y-%m-%d %H:%M:%S UTC')
-
-
-def _open_with_model(gallery_cls, name=None):
-    """Open the gallery and the hashing model under its key; refuse a different model (and an
-    unknown `name` before the model is loaded)."""
-    from modules.gallery import Hasher
-    gallery = gallery_cls.open(FLAGS.db)
-    if name is not None:
-        gallery.templates_of(name)
-    cfg = load_config(FLAGS.cfg_path or gallery.meta['cfg_path'], STAGE2_REQUIRED)
-    quiet_tensorflow()
-    if gallery.subject_keys:
-        from modules.gallery import check_key_change
-        check_key_change(cfg)
-    hasher = Hasher(cfg, gallery.key)
-    gallery.check_model(hasher.fingerprint, cfg['m'], cfg['q'])
-    return gallery, hasher, cfg
 
 
 def _subject_key(gallery, command):
@@ -119,39 +102,39 @@ def _enroll_one(gallery, hasher, key):
 @cli_guard
 def main(argv):
     """Dispatch the sub-command."""
-    from modules.gallery import Gallery, Hasher, enroll_folders, identity_folders
+    from modules.gallery import (
+        Gallery,
+        accepts,
+        enroll_folders,
+        identity_folders,
+        init_with_model,
+        open_with_model,
+    )
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise UserError(f"give one sub-command: {', '.join(COMMANDS)} (got {' '.join(argv[1:])!r})")
     command = argv[1]
     _require(command, 'db')
     if command == 'init':
         _require(command, 'cfg_path')
-        Gallery.check_new(FLAGS.db)  # before the model is loaded
-        cfg = load_config(FLAGS.cfg_path, STAGE2_REQUIRED)
-        from modules.gallery import check_key_change
-        check_key_change(cfg)
-        quiet_tensorflow()
-        # The fingerprint does not depend on the key (PermLayer has no weights).
-        hasher = Hasher(cfg, key=None)
-        gallery = Gallery.create(FLAGS.db, FLAGS.cfg_path, cfg['m'], cfg['q'], hasher.fingerprint,
-                                 FLAGS.key_mode)
+        gallery, cfg = init_with_model(FLAGS.db, FLAGS.cfg_path, FLAGS.key_mode)
         where = (f"key file {FLAGS.db}.key (mode 0600, key id {gallery.meta['key_id']})"
                  if FLAGS.key_mode == 'application' else
                  'no key: every subject gets its own key file at enrolment (--key_out)')
         print(f"[*] created {FLAGS.db} (m={cfg['m']}, q={cfg['q']}, model "
-              f'{hasher.fingerprint[:16]}) and {where}')
+              f"{gallery.meta['model_fp'][:16]}) and {where}")
     elif command in ('enroll', 'verify'):
         _require(command, 'name', 'image')
         with contextlib.closing(Gallery.open(FLAGS.db)) as gallery:
             key = _subject_key(gallery, command)  # before the model is loaded
-        gallery, hasher, cfg = _open_with_model(Gallery, FLAGS.name if command == 'verify' else None)
+        gallery, hasher, cfg = open_with_model(FLAGS.db, FLAGS.cfg_path,
+                                               FLAGS.name if command == 'verify' else None)
         if command == 'verify':
             threshold, source = _threshold(cfg)
             code = hasher.photo_codes([FLAGS.image], FLAGS.align, key)
             distance = gallery.verify(FLAGS.name, code)
             # A wrong subject key never matches, whatever the distance of its code.
             key_ok = gallery.key_matches(FLAGS.name, key)
-            match = key_ok and distance <= threshold
+            match = key_ok and accepts(distance, threshold)
             note = '' if key_ok else f' (the key is not the one {FLAGS.name} was enrolled with)'
             print(f"{FLAGS.name}: distance {distance} / {gallery.m}, threshold {threshold:g} "
                   f"({source}): {'MATCH' if match else 'NO MATCH'}{note}")
@@ -160,7 +143,7 @@ def main(argv):
     elif command == 'enroll_dir':
         _require(command, 'input_dir')
         folders = identity_folders(FLAGS.input_dir)
-        gallery, hasher, cfg = _open_with_model(Gallery)
+        gallery, hasher, cfg = open_with_model(FLAGS.db, FLAGS.cfg_path)
         from modules.align import load_face
         summary = enroll_folders(gallery, folders, hasher.codes,
                                  lambda p: load_face(p, cfg['input_size'], FLAGS.align),
@@ -177,14 +160,14 @@ def main(argv):
         _require(command, 'image')
         with contextlib.closing(Gallery.open(FLAGS.db)) as gallery:
             gallery.check_can_identify()  # before the model is loaded
-        gallery, hasher, cfg = _open_with_model(Gallery)
+        gallery, hasher, cfg = open_with_model(FLAGS.db, FLAGS.cfg_path)
         threshold, source = _threshold(cfg)
         found = gallery.identify(hasher.photo_codes([FLAGS.image], FLAGS.align), FLAGS.top_k)
         print(f'threshold {threshold:g} ({source}); {gallery.count()} templates')
         for rank, (name, distance, _) in enumerate(found, 1):
-            mark = 'MATCH' if distance <= threshold else ''
+            mark = 'MATCH' if accepts(distance, threshold) else ''
             print(f'{rank:3d}. {name:30s} distance {distance:4d} / {gallery.m} {mark}')
-        sys.exit(0 if found[0][1] <= threshold else 1)
+        sys.exit(0 if accepts(found[0][1], threshold) else 1)
     elif command == 'revoke':
         _require(command, 'name')
         deleted = Gallery.open(FLAGS.db).revoke(FLAGS.name)
@@ -193,6 +176,7 @@ def main(argv):
         gallery = Gallery.open(FLAGS.db)
         if not gallery.subject_keys:
             from modules.gallery import check_key_change
+            from modules.utils import STAGE2_REQUIRED, load_config
             check_key_change(load_config(FLAGS.cfg_path or gallery.meta['cfg_path'],
                                          STAGE2_REQUIRED))
         old = gallery.meta['key_id']

@@ -44,9 +44,11 @@ class FaceError(UserError):
         self.reason = reason
 
 
-def read_photo(path):
-    """A photo file as RGB uint8 (EXIF-rotated; grey, alpha, palette, 16-bit converted), or FaceError."""
+def read_photo(path, source=None):
+    """A photo file (or binary file object) as RGB uint8 (EXIF-rotated; grey, alpha, palette,
+    16-bit converted), or FaceError naming `source` (default: the path)."""
     from PIL import Image, ImageOps
+    source = path if source is None else source
     try:
         with Image.open(path) as img:
             img = ImageOps.exif_transpose(img)
@@ -61,16 +63,16 @@ def read_photo(path):
                                       .astype(np.uint8))
             return np.asarray(img.convert('RGB'), dtype=np.uint8)
     except FileNotFoundError:
-        raise FaceError(f'{path}: file not found', 'unreadable') from None
+        raise FaceError(f'{source}: file not found', 'unreadable') from None
     except IsADirectoryError:
-        raise FaceError(f'{path}: is a directory, not an image', 'unreadable') from None
+        raise FaceError(f'{source}: is a directory, not an image', 'unreadable') from None
     except Image.UnidentifiedImageError:
-        raise FaceError(f'{path}: not an image (unknown format)', 'unreadable') from None
+        raise FaceError(f'{source}: not an image (unknown format)', 'unreadable') from None
     except Image.DecompressionBombError as err:
-        raise FaceError(f'{path}: image too large ({err})', 'unreadable') from None
+        raise FaceError(f'{source}: image too large ({err})', 'unreadable') from None
     except (OSError, SyntaxError, ValueError) as err:
         # PIL reports truncated or damaged data as OSError/SyntaxError/ValueError while decoding.
-        raise FaceError(f'{path}: corrupt image ({err})', 'unreadable') from None
+        raise FaceError(f'{source}: corrupt image ({err})', 'unreadable') from None
 
 
 def as_rgb(image, source='image'):
@@ -188,12 +190,17 @@ def align_image(image, source='image', min_face=0, size=ARCFACE_SIZE):
 
 def load_face(path, size=ARCFACE_SIZE, align='auto'):
     """A photo file as a size x size RGB uint8 face; `align`: auto (unless size x size), always, never."""
+    return face_crop(read_photo(path), size, align, source=path)
+
+
+def face_crop(image, size=ARCFACE_SIZE, align='auto', source='image'):
+    """An RGB uint8 photo as a size x size face: aligned (always, or with auto unless it is already
+    size x size) or, with never, resized; FaceError naming `source`."""
     import cv2
     if align not in ALIGN_MODES:
         raise UserError(f'align must be one of {", ".join(ALIGN_MODES)}, got {align!r}')
-    image = read_photo(path)
     if align == 'always' or (align == 'auto' and image.shape[:2] != (size, size)):
-        return align_image(image, source=path, size=size)
+        return align_image(image, source=source, size=size)
     if image.shape[:2] != (size, size):
         image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
     return image

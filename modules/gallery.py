@@ -22,6 +22,7 @@ in-memory code matrix used by `identify` is rebuilt only when it has moved.
 import contextlib
 import glob
 import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -194,6 +195,10 @@ def _connect(db_path):
     # lose the last ones, never consistency.
     conn.execute('PRAGMA synchronous=NORMAL')
     return conn
+
+
+class NotEnrolled(UserError):
+    """A subject name with no template in the gallery (the service answers 404)."""
 
 
 def check_name(name):
@@ -431,7 +436,7 @@ class Gallery:
         with self._write() as conn:
             deleted = conn.execute('DELETE FROM templates WHERE name = ?', (name,)).rowcount
             if not deleted:
-                raise UserError(f'{name!r} is not enrolled in {self.db_path}')
+                raise NotEnrolled(f'{name!r} is not enrolled in {self.db_path}')
             conn.execute('INSERT INTO audit (time, event, name, detail) VALUES (?, ?, ?, ?)',
                          (time.time(), 'revoke', name, f'{deleted} template(s) deleted'))
         return deleted
@@ -477,7 +482,7 @@ class Gallery:
         """uint8 codes (n, m) of one subject; UserError for an unknown name."""
         rows = self._read('SELECT codes FROM templates WHERE name = ? ORDER BY id', (name,))
         if not rows:
-            raise UserError(f'{name!r} is not enrolled in {self.db_path}')
+            raise NotEnrolled(f'{name!r} is not enrolled in {self.db_path}')
         return self._decode(b''.join(r[0] for r in rows))
 
     def _decode(self, blob):
@@ -516,7 +521,7 @@ class Gallery:
         self.check_can_identify()
         ids, codes = self.code_matrix()
         if not len(ids):
-            raise UserError(f'{self.db_path}: no one is enrolled')
+            raise NotEnrolled(f'{self.db_path}: no one is enrolled')
         probe = pack_codes(np.atleast_2d(code), self.q, 'probe code')
         index, score = search(codes, probe, min(int(top_k), len(ids)))
         found = ids[index[0]].tolist()
@@ -550,20 +555,25 @@ class Hasher:
             raise UserError(f"no stage-2 checkpoint in checkpoints/{cfg['sub_name']}/: train the "
                             'model first (a gallery of a random projection is useless)')
         self.fingerprint = model_fingerprint(self.model, cfg['m'], cfg['q'])
+        import tensorflow as tf
+        size = cfg['input_size']
+        # One graph for every batch size: an eager call of the model costs ~0.1 s of Python per
+        # batch, which would dominate one-photo requests (the CLI, the service).
+        spec = [tf.TensorSpec([None, size, size, 3], tf.float32)]
+        self._forward = tf.function(lambda x: self.model(x, training=False), input_signature=spec)
+        embed = self.model.get_layer('arcface_model')
+        self._embed = tf.function(lambda x: embed(x, training=False), input_signature=spec)
 
     def codes(self, faces, subject_key=None):
         """uint8 codes (N, m) of aligned uint8 faces (N, size, size, 3), under the application
         key or, when given, a subject's key (the embedding model runs once either way)."""
         faces = np.asarray(faces)
         batch = self.cfg['eval_batch_size']
-        if subject_key is None:
-            net = self.model
-        else:
-            from modules.models import iom_codes
-            net = self.model.get_layer('arcface_model')
-        out = np.concatenate([net(faces[i:i + batch].astype(np.float32) / 255.0,
-                                  training=False).numpy() for i in range(0, len(faces), batch)])
+        forward = self._forward if subject_key is None else self._embed
+        out = np.concatenate([forward(faces[i:i + batch].astype(np.float32) / 255.0).numpy()
+                              for i in range(0, len(faces), batch)])
         if subject_key is not None:
+            from modules.models import iom_codes
             out = iom_codes(self.model, out, perm_key=subject_key)
         return pack_codes(out, self.cfg['q'], 'model output')
 
@@ -572,6 +582,41 @@ class Hasher:
         from modules.align import load_face
         size = self.cfg['input_size']
         return self.codes(np.stack([load_face(p, size, align) for p in paths]), subject_key)
+
+
+def accepts(distance, threshold):
+    """The decision: a probe matches when its Hamming distance is <= the threshold."""
+    return distance <= threshold
+
+
+def init_with_model(db_path, cfg_path, key_mode='application'):
+    """Create a gallery for the stage-2 model of `cfg_path` (refused before loading the model when
+    the database or its key file exists, or the model cannot change keys); returns (gallery, cfg)."""
+    from modules.utils import STAGE2_REQUIRED, load_config, quiet_tensorflow
+    Gallery.check_new(db_path)
+    cfg = load_config(cfg_path, STAGE2_REQUIRED)
+    check_key_change(cfg)
+    quiet_tensorflow()
+    # The fingerprint does not depend on the key (PermLayer has no weights).
+    hasher = Hasher(cfg, key=None)
+    return Gallery.create(db_path, cfg_path, cfg['m'], cfg['q'], hasher.fingerprint,
+                          key_mode), cfg
+
+
+def open_with_model(db_path, cfg_path=None, name=None):
+    """(gallery, hasher, cfg): the gallery and its hashing model under its key. A model other than
+    the gallery's is refused, and an unknown `name` before the model is loaded."""
+    from modules.utils import STAGE2_REQUIRED, load_config, quiet_tensorflow
+    gallery = Gallery.open(db_path)
+    if name is not None:
+        gallery.templates_of(name)
+    cfg = load_config(cfg_path or gallery.meta['cfg_path'], STAGE2_REQUIRED)
+    if gallery.subject_keys:
+        check_key_change(cfg)  # (the Hasher checks it for an application key)
+    quiet_tensorflow()
+    hasher = Hasher(cfg, gallery.key)
+    gallery.check_model(hasher.fingerprint, cfg['m'], cfg['q'])
+    return gallery, hasher, cfg
 
 
 def identity_folders(input_dir):
@@ -621,3 +666,72 @@ def enroll_folders(gallery, folders, faces_to_codes, load, progress=True):
         summary['skipped'] += not added
         summary['templates'] += added
     return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Service access tokens (serve.py). A bearer token is 32 random bytes shown once when made; the
+# database keeps only its SHA-256 and a role, so a copy of the database gives no usable token.
+# The table is made on the first `add_token`, so galleries made before it open unchanged.
+TOKEN_ROLES = ('admin', 'client')
+_TOKEN_PREFIX = 'iomf_'
+_TOKENS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tokens (
+    digest TEXT PRIMARY KEY,
+    role TEXT NOT NULL CHECK (role IN ('admin', 'client')),
+    created REAL NOT NULL)
+"""
+
+
+def token_digest(token):
+    """Hex SHA-256 of a token: what the database stores."""
+    return hashlib.sha256(token.encode('utf-8', 'surrogatepass')).hexdigest()
+
+
+def token_id(digest):
+    """Public id of a token (to list and revoke it): the first 12 hex digits of its digest."""
+    return digest[:12]
+
+
+def add_token(gallery, role):
+    """Make a new random token with `role`, store its digest; return (token, token id)."""
+    if role not in TOKEN_ROLES:
+        raise UserError(f"token role must be one of {', '.join(TOKEN_ROLES)}, got {role!r}")
+    token = _TOKEN_PREFIX + secrets.token_urlsafe(32)
+    digest = token_digest(token)
+    with gallery._write() as conn:
+        conn.execute(_TOKENS_SCHEMA)
+        conn.execute('INSERT INTO tokens VALUES (?, ?, ?)', (digest, role, time.time()))
+    return token, token_id(digest)
+
+
+def _token_rows(gallery):
+    if not gallery._read("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'tokens'"):
+        return []
+    return gallery._read('SELECT digest, role, created FROM tokens ORDER BY created')
+
+
+def list_tokens(gallery):
+    """[(token id, role, created)] of the live tokens, oldest first."""
+    return [(token_id(digest), role, created) for digest, role, created in _token_rows(gallery)]
+
+
+def revoke_token(gallery, tid):
+    """Delete the token whose id is `tid`; UserError when no token (or several) has that id."""
+    tid = str(tid).strip().lower()
+    found = [digest for digest, _, _ in _token_rows(gallery) if token_id(digest) == tid]
+    if len(found) != 1:
+        raise UserError(f'no token with id {tid!r} in {gallery.db_path} (see `serve.py token '
+                        'list`)')
+    with gallery._write() as conn:
+        conn.execute('DELETE FROM tokens WHERE digest = ?', found)
+
+
+def token_role(gallery, token):
+    """The role of a presented token, or None. The digest is compared with every stored one in
+    constant time, so the answer time tells nothing about how close a guess came."""
+    digest = token_digest(token)
+    role = None
+    for stored, stored_role, _ in _token_rows(gallery):
+        if hmac.compare_digest(stored, digest):
+            role = stored_role
+    return role

@@ -1,0 +1,119 @@
+"""Verification service over a protected-template gallery (docs/service.md).
+
+    serve.py --cfg_path CFG --db gallery.sqlite [--host 127.0.0.1] [--port 8000]
+    serve.py token add --role admin|client --db gallery.sqlite   (prints the new token once)
+    serve.py token list | revoke --id ID --db gallery.sqlite
+The gallery is created (as `gallery.py init` does) when --db does not exist yet. SIGTERM or
+Ctrl-C: requests in flight are finished, then the server exits 0.
+Errors exit with status 2 and one line on stderr.
+"""
+import signal
+import sys
+
+from absl import app, flags
+
+from modules.align import ALIGN_MODES
+from modules.utils import UserError, cli_guard
+
+flags.DEFINE_string('db', None, 'gallery database file (its key file is <db>.key)')
+flags.DEFINE_string('cfg_path', None, 'stage-2 config of the hashing model (default: the one '
+                    'recorded in the gallery; needed to create a new gallery)')
+flags.DEFINE_string('host', '127.0.0.1', 'address to bind (loopback: put a TLS proxy in front '
+                    'for other machines, see docs/service.md)')
+flags.DEFINE_integer('port', 8000, 'TCP port', lower_bound=0, upper_bound=65535)
+flags.DEFINE_float('max_upload_mb', 10.0, 'largest request body (413 above it)', lower_bound=0.01)
+flags.DEFINE_integer('max_pixels', 40_000_000, 'largest image in pixels (413 above it: '
+                     'decompression bombs)', lower_bound=1)
+flags.DEFINE_float('threshold', None, 'accept when the Hamming distance is <= this (default: the '
+                   "EER threshold of the model's latest test_twostage_iom.py results)")
+flags.DEFINE_float('far', None, 'use the threshold that gave this false-accept rate on the last '
+                   'evaluation instead of the EER threshold')
+flags.DEFINE_enum('align', 'auto', ALIGN_MODES, 'detect and align faces: auto = only photos that '
+                  'are not already input_size square, always, never')
+flags.DEFINE_integer('max_batch', 64, 'most photos hashed in one model call', lower_bound=1)
+flags.DEFINE_float('batch_wait_ms', 10.0, 'longest wait of a batch for more photos (only while '
+                   'photos are being decoded or requests come concurrently)', lower_bound=0.0)
+flags.DEFINE_enum('role', None, ('admin', 'client'), 'token add: what the token may do (admin: '
+                  'enrol, list, revoke, rekey; client: verify, identify)')
+flags.DEFINE_string('id', None, 'token revoke: the id printed by `token add` / `token list`')
+flags.DEFINE_enum('log_level', 'info', ('debug', 'info', 'warning', 'error'), 'server log level')
+FLAGS = flags.FLAGS
+
+
+def _token(argv):
+    import datetime
+
+    from modules.gallery import Gallery, add_token, list_tokens, revoke_token
+    if len(argv) != 3 or argv[2] not in ('add', 'list', 'revoke'):
+        raise UserError('give one token command: add, list, revoke')
+    if FLAGS.db is None:
+        raise UserError(f'token {argv[2]} needs --db')
+    gallery = Gallery.open(FLAGS.db)
+    if argv[2] == 'add':
+        if FLAGS.role is None:
+            raise UserError('token add needs --role admin or --role client')
+        token, tid = add_token(gallery, FLAGS.role)
+        # The token alone on stdout (TOKEN=$(serve.py token add ...)); it is not stored.
+        print(f'[*] new {FLAGS.role} token, id {tid}; it is shown only now, keep it secret:',
+              file=sys.stderr)
+        print(token)
+    elif argv[2] == 'revoke':
+        if FLAGS.id is None:
+            raise UserError('token revoke needs --id (see `serve.py token list`)')
+        revoke_token(gallery, FLAGS.id)
+        print(f'[*] revoked token {FLAGS.id}')
+    else:
+        for tid, role, created in list_tokens(gallery):
+            when = datetime.datetime.fromtimestamp(created, datetime.UTC)
+            print(f'{tid}  {role:6s}  made {when:%Y-%m-%d %H:%M:%S} UTC')
+
+
+def _serve():
+    import os
+
+    import uvicorn
+
+    from modules.gallery import decision_threshold, init_with_model, open_with_model
+    from modules.service import Settings, create_app
+    if FLAGS.db is None:
+        raise UserError('serve.py needs --db (a gallery database, created when missing)')
+    if not os.path.exists(FLAGS.db):
+        if FLAGS.cfg_path is None:
+            raise UserError(f'{FLAGS.db} does not exist: give --cfg_path to create it')
+        gallery, _ = init_with_model(FLAGS.db, FLAGS.cfg_path)
+        print(f"[*] created {FLAGS.db} and key file {FLAGS.db}.key (key id "
+              f"{gallery.meta['key_id']})")
+        gallery.close()
+    gallery, hasher, cfg = open_with_model(FLAGS.db, FLAGS.cfg_path)
+    threshold, source = decision_threshold(cfg, FLAGS.threshold, FLAGS.far)
+    settings = Settings(threshold=threshold, threshold_source=source,
+                        max_upload_bytes=int(FLAGS.max_upload_mb * 2 ** 20),
+                        max_pixels=FLAGS.max_pixels, align=FLAGS.align,
+                        max_batch=FLAGS.max_batch, batch_wait_s=FLAGS.batch_wait_ms / 1000)
+    print(f'[*] {FLAGS.db}: {gallery.count()} templates, m={gallery.m} q={gallery.q}, key id '
+          f"{gallery.meta['key_id']}; threshold {threshold:g} ({source})")
+    print(f'[*] serving on http://{FLAGS.host}:{FLAGS.port}/ (API docs at /docs)', flush=True)
+    # uvicorn finishes the requests in flight on SIGTERM/SIGINT and then raises the signal again
+    # with the handler it found: this one makes that clean stop (or one before uvicorn runs) an
+    # exit 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: sys.exit(0))
+    uvicorn.run(create_app(gallery, hasher, cfg, settings), host=FLAGS.host, port=FLAGS.port,
+                log_level=FLAGS.log_level, timeout_graceful_shutdown=30,
+                limit_concurrency=1000, server_header=False)
+
+
+@cli_guard
+def main(argv):
+    """Serve, or manage tokens."""
+    if len(argv) >= 2 and argv[1] == 'token':
+        _token(argv)
+    elif len(argv) == 1:
+        _serve()
+    else:
+        raise UserError(f"unknown command {' '.join(argv[1:])!r}: serve.py [flags] or serve.py "
+                        'token add|list|revoke')
+
+
+if __name__ == '__main__':
+    app.run(main)
