@@ -7,6 +7,8 @@ flags.DEFINE_string('cfg_path', './configs/arc_res50.yaml', 'config file path')
 flags.DEFINE_enum('mode', 'eager_tf', ['fit', 'eager_tf'],
                   'fit: Keras model.fit; eager_tf: custom loop with tf.GradientTape in tf.function')
 flags.DEFINE_string('gpu', None, "GPUs to use, e.g. '0' or '0,1' (default: all visible)")
+flags.DEFINE_integer('cpu_devices', None, 'split the CPU into N logical devices (replicas), e.g. '
+                     'to try Partial FC on a machine without GPUs')
 FLAGS = flags.FLAGS
 
 
@@ -17,7 +19,7 @@ def main(_):
     float16_without_onednn(cfg)
     quiet_tensorflow()
     from modules.training import configure_devices, train_stage1
-    configure_devices(FLAGS.gpu)
+    configure_devices(FLAGS.gpu, FLAGS.cpu_devices)
     train_stage1(cfg, FLAGS.mode)
 
 

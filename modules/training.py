@@ -287,6 +287,12 @@ def train_stage1(cfg, mode='eager_tf', strategy=None):
 
     if mode not in ('eager_tf', 'fit'):
         raise UserError(f"--mode must be 'eager_tf' or 'fit', got {mode!r}")
+    if cfg['partial_fc'] and mode == 'fit':
+        raise UserError('partial_fc: True needs --mode eager_tf (Keras fit() cannot shard the '
+                        "head's centres over the replicas)")
+    if cfg['partial_fc'] and cfg['jit_compile']:
+        raise UserError('partial_fc: True cannot run with jit_compile: True (the number of '
+                        'sampled centres changes from step to step)')
     if not os.path.isfile(cfg['train_dataset']):
         raise UserError(f"train_dataset not found: {cfg['train_dataset']} (convert the images "
                         'with data/convert_train_binary_tfrecord.py first)')
@@ -306,9 +312,16 @@ def train_stage1(cfg, mode='eager_tf', strategy=None):
                         f'{strategy.num_replicas_in_sync} replicas')
     with strategy.scope():
         with dtype_policy(cfg):
-            model = arcface_from_config(cfg, training=True)
+            # Partial FC: the model stops at the embedding; the sharded head lives outside it.
+            model = arcface_from_config(cfg, training=not cfg['partial_fc'])
         optimizer = make_optimizer(cfg, total_steps)
         optimizer.build(model.trainable_variables)
+    if cfg['partial_fc']:
+        from modules.partial_fc import PartialFCHead
+        head = PartialFCHead.from_config(cfg, strategy)  # per-replica shards: outside the scope
+        checkpoint = stage1_checkpoint(model, partial_fc_head=head, optimizer=optimizer)
+    else:
+        head = None
         checkpoint = stage1_checkpoint(model, head=model.layers[-1], optimizer=optimizer)
     state = RunState(cfg, checkpoint, optimizer, strategy, total_steps, global_batch)
     dataset = load_tfrecord_dataset(cfg['train_dataset'], global_batch,
@@ -323,7 +336,7 @@ def train_stage1(cfg, mode='eager_tf', strategy=None):
     try:
         if state.step < total_steps:
             if mode == 'eager_tf':
-                _stage1_custom_loop(model, optimizer, softmax_loss, dataset, strategy, state)
+                _stage1_custom_loop(model, optimizer, dataset, strategy, state, head)
             else:
                 _stage1_fit(model, optimizer, softmax_loss, dataset, strategy, state)
             state.save()
@@ -337,29 +350,53 @@ def train_stage1(cfg, mode='eager_tf', strategy=None):
     return summary
 
 
-def _stage1_custom_loop(model, optimizer, softmax_loss, dataset, strategy, state):
+def _stage1_custom_loop(model, optimizer, dataset, strategy, state, head=None):
+    """The stage-1 loop: the model's own head, or a Partial FC `head` (modules/partial_fc.py)."""
     global_batch = state.batch_size
     dist_dataset = strategy.experimental_distribute_dataset(dataset)
     scaled = isinstance(optimizer, tf.keras.optimizers.LossScaleOptimizer)
 
+    def head_loss(images, labels, draw):
+        """(softmax loss term of this replica, sampled head rows, their shard indices)."""
+        if head is not None:
+            embds = model(images, training=True)
+            return head.replica_loss(embds, labels, draw)
+        logits = model((images, labels), training=True)
+        per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32))
+        return tf.reduce_sum(per_example) / global_batch, [], None
+
     # Forward and backward in one (optionally XLA-compiled) function; the optimizer update stays
-    # outside it because under a strategy it all-reduces the gradients across replicas.
-    @tf.function(jit_compile=state.cfg['jit_compile'])
-    def loss_and_gradients(images, labels):
+    # outside it because under a strategy it all-reduces the gradients across replicas. Partial
+    # FC's collectives cannot sit in a nested tf.function: its forward runs in train_step's.
+    def loss_and_gradients(images, labels, draw):
         with tf.GradientTape() as tape:
-            logits = model((images, labels), training=True)
-            per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
-                labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32))
-            pred_loss = tf.reduce_sum(per_example) / global_batch
+            pred_loss, rows, index = head_loss(images, labels, draw)
             reg_loss = tf.add_n([tf.cast(x, tf.float32) for x in model.losses]) \
                 if model.losses else 0.0
             loss = pred_loss + reg_loss / strategy.num_replicas_in_sync
             # Dynamic loss scaling: the optimizer unscales, and skips a step that overflowed.
             target = optimizer.scale_loss(loss) if scaled else loss
-        return loss, pred_loss, tape.gradient(target, model.trainable_variables)
+        grads = tape.gradient(target, model.trainable_variables + rows)
+        n = len(model.trainable_variables)
+        return loss, pred_loss, grads[:n], index, grads[n:]
 
-    def replica_step(images, labels):
-        loss, pred_loss, grads = loss_and_gradients(images, labels)
+    if head is None:
+        loss_and_gradients = tf.function(loss_and_gradients, jit_compile=state.cfg['jit_compile'])
+
+    def replica_step(images, labels, draw):
+        loss, pred_loss, grads, index, head_grads = loss_and_gradients(images, labels, draw)
+        if head is not None:
+            # The shard is this replica's own: updated here, never all-reduced. Read the rate
+            # before apply_gradients moves the step on.
+            apply = True
+            if scaled:
+                head_grads = [g / optimizer.dynamic_scale for g in head_grads]
+                bad = tf.reduce_sum([tf.reduce_sum(tf.cast(~tf.math.is_finite(g), tf.float32))
+                                     for g in grads + head_grads])
+                ctx = tf.distribute.get_replica_context()
+                apply = ctx.all_reduce(tf.distribute.ReduceOp.SUM, bad) == 0  # as Keras decides
+            head.apply_gradients(index, head_grads, optimizer.learning_rate, apply)
         if scaled:  # Keras' loss-scale skip (a tf.cond) cannot run in a replica context
             return loss, pred_loss, grads
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
@@ -367,10 +404,13 @@ def _stage1_custom_loop(model, optimizer, softmax_loss, dataset, strategy, state
 
     @tf.function
     def train_step(images, labels):
-        loss, pred, *grads = strategy.run(replica_step, args=(images, labels))
+        draw = head.draws.read_value() if head is not None else tf.constant(0, tf.int64)
+        loss, pred, *grads = strategy.run(replica_step, args=(images, labels, draw))
         if scaled:
             summed = [strategy.reduce(tf.distribute.ReduceOp.SUM, g, axis=None) for g in grads[0]]
             optimizer.apply_gradients(zip(summed, model.trainable_variables))
+        if head is not None:
+            head.draws.assign_add(1)
         loss = strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
         state.track_finite(loss)
         return loss, strategy.reduce(tf.distribute.ReduceOp.SUM, pred, axis=None)

@@ -103,6 +103,10 @@ SCHEMA = {
     'save_steps': Key((int,), 1000, doc='checkpoint every N steps'),
     'max_steps': Key((int, type(None)), None, doc='stop after N steps (None: epochs decide)'),
     'shuffle_buffer': Key((int,), 10240, doc='stage-1 shuffle buffer (records)'),
+    'partial_fc': Key((bool,), False, doc='stage 1: Partial FC, the ArcHead/NormHead centres '
+                      'sharded over the replicas and sampled (docs/partial-fc.md)'),
+    'sample_rate': Key(_NUM, 1.0, doc='Partial FC: share of each shard scored per step, in '
+                       '(0, 1]; positives always included (1.0: the exact full softmax)'),
     # test
     'test_dataset': Key((str,), REQUIRED, doc='root of the verification sets'),
     'test_dataset_ytf': Key((str, type(None)), None, doc='retrieval set (identity folders)'),
@@ -218,6 +222,8 @@ def validate_config(raw, path='<config>', required=STAGE1_REQUIRED):
             raise ConfigError(f"{path}: key '{key}' must be positive")
     if not all(isinstance(s, int) and not isinstance(s, bool) for s in cfg.get('lr_steps', [])):
         raise ConfigError(f"{path}: key 'lr_steps' must be a list of integers")
+    if not 0 < cfg['sample_rate'] <= 1:
+        raise ConfigError(f"{path}: key 'sample_rate' must be in (0, 1], got {cfg['sample_rate']!r}")
     if cfg.get('T') is None:
         cfg['T'] = 0.01 if cfg.get('hidden_layer_remark', '1').startswith('T') else 1.0
     if cfg['T'] <= 0:
