@@ -7,11 +7,12 @@ Run (after `make quickstart`, from the repository root):
 A gallery of `--num_codes` random codes (one subject each) is made under the model's key, the
 server is started on 127.0.0.1 with it, and clients (asyncio, one HTTP connection each) send
 `verify` (against a random subject) and `identify` (top 5) requests with aligned 112x112 crops
-from the quickstart's synthetic retrieval set (so the face detector is not part of the figure). Each round
-measures, interleaved: the offline rate (decoded crops through `Hasher.codes` in batches of
-eval_batch_size: the model alone, no HTTP, no JPEG decoding), then every (clients, endpoint)
-pair after a warm-up of 2 requests per client. The table shows the median over rounds; the ratio
-is median 16-client requests/s over median offline photos/s.
+from the quickstart's synthetic retrieval set (so the face detector is not part of the figure).
+Each round measures, interleaved: the offline rate (decoded crops through `Hasher.codes`, traced
+as in the server, in batches of eval_batch_size: the model alone, no HTTP, no JPEG decoding),
+then every (clients, endpoint) pair after a warm-up of 2 requests per client, with the CPU time
+the server and the clients spent. The table shows the median over rounds; the ratio is median
+16-client requests/s over median offline photos/s.
 """
 import asyncio
 import glob
@@ -158,7 +159,7 @@ def main(_):
     gallery.enroll_bulk(names, np.random.default_rng(0).integers(
         0, cfg['q'], (FLAGS.num_codes, cfg['m']), dtype=np.uint8))
     token, _ = add_token(gallery, 'client')
-    hasher = Hasher(cfg, gallery.key)
+    hasher = Hasher(cfg, gallery.key).trace()  # as the server runs it
     gallery.close()
     proc, url = start_server(db, FLAGS.cfg_path, os.path.join(work, 'server.log'))
     print(f'server {url}: {FLAGS.num_codes:,} templates, m={cfg["m"]} q={cfg["q"]}, '

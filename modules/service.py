@@ -186,7 +186,7 @@ class Service:
         self.db_thread = concurrent.futures.ThreadPoolExecutor(1, 'gallery')
         self.gallery = self.db_thread.submit(type(gallery).open, gallery.db_path).result()
         gallery.close()
-        self.hasher = hasher
+        self.hasher = hasher.trace()
         self.hasher_key_id = self.gallery.meta['key_id']
         if self.hasher_key_id != gallery.meta['key_id']:
             raise UserError(f'{gallery.db_path} was re-keyed while the service started: start it '
@@ -201,7 +201,7 @@ class Service:
         return self.hasher.codes(faces), self.hasher_key_id
 
     def _swap_hasher(self, key, kid):
-        self.hasher = Hasher(self.cfg, key)
+        self.hasher = Hasher(self.cfg, key).trace()
         self.hasher_key_id = kid
 
     async def db(self, fn, *args):
