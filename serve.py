@@ -31,8 +31,8 @@ flags.DEFINE_float('far', None, 'use the threshold that gave this false-accept r
 flags.DEFINE_enum('align', 'auto', ALIGN_MODES, 'detect and align faces: auto = only photos that '
                   'are not already input_size square, always, never')
 flags.DEFINE_integer('max_batch', 64, 'most photos hashed in one model call', lower_bound=1)
-flags.DEFINE_float('batch_wait_ms', 10.0, 'longest wait of a batch for more photos (only while '
-                   'photos are being decoded or requests come concurrently)', lower_bound=0.0)
+flags.DEFINE_float('batch_wait_ms', 30.0, 'longest wait of a batch for more photos (only while '
+                   'fewer than recently waited at once are in it)', lower_bound=0.0)
 flags.DEFINE_enum('role', None, ('admin', 'client'), 'token add: what the token may do (admin: '
                   'enrol, list, revoke, rekey; client: verify, identify)')
 flags.DEFINE_string('id', None, 'token revoke: the id printed by `token add` / `token list`')

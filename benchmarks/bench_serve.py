@@ -7,11 +7,12 @@ Run (after `make quickstart`, from the repository root):
 A gallery of `--num_codes` random codes (one subject each) is made under the model's key, the
 server is started on 127.0.0.1 with it, and clients (asyncio, one HTTP connection each) send
 `verify` (against a random subject) and `identify` (top 5) requests with aligned 112x112 crops
-from the quickstart's synthetic retrieval set (so the face detector is not part of the figure). Each round
-measures, interleaved: the offline rate (decoded crops through `Hasher.codes` in batches of
-eval_batch_size: the model alone, no HTTP, no JPEG decoding), then every (clients, endpoint)
-pair after a warm-up of 2 requests per client. The table shows the median over rounds; the ratio
-is median 16-client requests/s over median offline photos/s.
+from the quickstart's synthetic retrieval set (so the face detector is not part of the figure).
+Each round measures, interleaved: the offline rate (decoded crops through `Hasher.codes`, traced
+as in the server, in batches of eval_batch_size: the model alone, no HTTP, no JPEG decoding),
+then every (clients, endpoint) pair after a warm-up of 2 requests per client, with the CPU time
+the server and the clients spent. The table shows the median over rounds; the ratio is median
+16-client requests/s over median offline photos/s.
 """
 import asyncio
 import glob
@@ -40,6 +41,7 @@ flags.DEFINE_integer('num_codes', 10_000, 'templates in the gallery')
 flags.DEFINE_integer('rounds', 3, 'interleaved rounds (median reported)')
 flags.DEFINE_integer('requests_per_client', 30, 'measured requests per client and endpoint')
 flags.DEFINE_integer('offline_images', 512, 'images hashed per offline measurement')
+flags.DEFINE_float('batch_wait_ms', None, "the server's --batch_wait_ms (default: serve.py's)")
 CLIENTS = (1, 4, 16)
 ENDPOINTS = ('verify', 'identify')
 
@@ -50,15 +52,16 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def start_server(db, cfg_path, log_path):
-    """serve.py on a free loopback port; (process, base url) once /healthz answers."""
+def start_server(db, cfg_path, log_path, *extra):
+    """serve.py (with `extra` flags) on a free loopback port; (process, base url) once /healthz
+    answers."""
     import httpx
     port = free_port()
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
     with open(log_path, 'w') as log:
         proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'serve.py'), '--db', db,
                                  '--cfg_path', cfg_path, '--port', str(port), '--log_level',
-                                 'warning'], env=env, stdout=log, stderr=subprocess.STDOUT)
+                                 'warning', *extra], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f'http://127.0.0.1:{port}'
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -158,9 +161,10 @@ def main(_):
     gallery.enroll_bulk(names, np.random.default_rng(0).integers(
         0, cfg['q'], (FLAGS.num_codes, cfg['m']), dtype=np.uint8))
     token, _ = add_token(gallery, 'client')
-    hasher = Hasher(cfg, gallery.key)
+    hasher = Hasher(cfg, gallery.key).trace()  # as the server runs it
     gallery.close()
-    proc, url = start_server(db, FLAGS.cfg_path, os.path.join(work, 'server.log'))
+    extra = () if FLAGS.batch_wait_ms is None else ('--batch_wait_ms', str(FLAGS.batch_wait_ms))
+    proc, url = start_server(db, FLAGS.cfg_path, os.path.join(work, 'server.log'), *extra)
     print(f'server {url}: {FLAGS.num_codes:,} templates, m={cfg["m"]} q={cfg["q"]}, '
           f'{FLAGS.num_faces} aligned {cfg["input_size"]}px crops, {FLAGS.rounds} rounds, '
           f'{os.cpu_count()} CPUs')

@@ -555,14 +555,21 @@ class Hasher:
             raise UserError(f"no stage-2 checkpoint in checkpoints/{cfg['sub_name']}/: train the "
                             'model first (a gallery of a random projection is useless)')
         self.fingerprint = model_fingerprint(self.model, cfg['m'], cfg['q'])
-        import tensorflow as tf
-        size = cfg['input_size']
-        # One graph for every batch size: an eager call of the model costs ~0.1 s of Python per
-        # batch, which would dominate one-photo requests (the CLI, the service).
-        spec = [tf.TensorSpec([None, size, size, 3], tf.float32)]
-        self._forward = tf.function(lambda x: self.model(x, training=False), input_signature=spec)
+        self._forward = lambda x: self.model(x, training=False)
         embed = self.model.get_layer('arcface_model')
-        self._embed = tf.function(lambda x: embed(x, training=False), input_signature=spec)
+        self._embed = lambda x: embed(x, training=False)  # for subject keys: hashed afterwards
+
+    def trace(self):
+        """Run the model as one traced graph for every batch size from now on: tracing costs
+        ~1 s once, an eager call ~0.1 s of Python per batch (a long-running server's choice; a
+        one-photo CLI command is faster eager)."""
+        import tensorflow as tf
+        size = self.cfg['input_size']
+        spec = [tf.TensorSpec([None, size, size, 3], tf.float32)]
+        self._forward = tf.function(self._forward, input_signature=spec)
+        self._embed = tf.function(self._embed, input_signature=spec)
+        self._forward(tf.zeros([1, size, size, 3]))
+        return self
 
     def codes(self, faces, subject_key=None):
         """uint8 codes (N, m) of aligned uint8 faces (N, size, size, 3), under the application

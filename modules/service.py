@@ -18,6 +18,7 @@ import dataclasses
 import io
 import logging
 import os
+import time
 
 import numpy as np
 from fastapi import Depends, File, Form, HTTPException, Request, UploadFile
@@ -34,6 +35,7 @@ from modules.utils import UserError
 log = logging.getLogger('iomface.service')
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'static')
 _MAX_TOP_K = 100
+_PEAK_WINDOW_S = 0.25
 _SOURCE_CHARS = 100
 _REKEYED = ('the gallery was re-keyed while this request was processed: send it again')
 
@@ -48,7 +50,7 @@ class Settings:
     max_pixels: int = 40_000_000
     align: str = 'auto'
     max_batch: int = 64
-    batch_wait_s: float = 0.010
+    batch_wait_s: float = 0.030
 
 
 class BodyLimit:
@@ -91,10 +93,10 @@ def _too_large(limit):
 class Batcher:
     """Micro-batching: `code(face)` awaits the code of one aligned face. Faces that arrive while
     the model is busy are hashed together in one model call on the model thread, off the event
-    loop. A batch waits up to `wait_s` for more while photos are being decoded (`preparing()`)
-    or while requests come concurrently (the last batch had several): the clients just answered
-    are then on their way back, and one call for all of them beats two half-full ones. A lone
-    client's request goes straight to the model."""
+    loop. When the model is free, a batch waits (up to `wait_s`) until it holds as many photos as
+    were recently waiting for the model at once (`photo()` counts them): with concurrent clients
+    the ones just answered are on their way back, and one call for all of them beats two
+    half-full ones. A lone client's photo goes to the model at once."""
 
     def __init__(self, hash_faces, max_batch, wait_s):
         self.hash_faces = hash_faces
@@ -105,17 +107,28 @@ class Batcher:
         self.task = None
         self.batches = 0
         self.hashed = 0
-        self.incoming = 0
-        self.last_batch = 0
+        self.waiting = 0  # photos between decoding and their code
+        # Most photos waiting at once in this quarter second and the one before (longer than a
+        # batch cycle, short enough that a lone client after a burst soon stops waiting).
+        self._peaks = [0, 0]
+        self._window_ends = 0.0
+
+    def _count(self, delta):
+        now = time.monotonic()
+        if now > self._window_ends:
+            self._peaks = [0, self._peaks[0]]
+            self._window_ends = now + _PEAK_WINDOW_S
+        self.waiting += delta
+        self._peaks[0] = max(self._peaks[0], self.waiting)
 
     @contextlib.contextmanager
-    def preparing(self):
-        """Around the decoding of a photo that will be hashed: batches wait for it."""
-        self.incoming += 1
+    def photo(self):
+        """Around the decoding and hashing of one photo: batches expect it."""
+        self._count(1)
         try:
             yield
         finally:
-            self.incoming -= 1
+            self._count(-1)
 
     def start(self):
         """Start the batching loop on the running event loop."""
@@ -150,7 +163,7 @@ class Batcher:
             while len(batch) < self.max_batch:
                 if self.queue.empty():
                     remaining = deadline - loop.time()
-                    if remaining <= 0 or not (self.incoming or self.last_batch > 1):
+                    if remaining <= 0 or len(batch) >= max(self._peaks):
                         break
                     try:
                         batch.append(await asyncio.wait_for(self.queue.get(), remaining))
@@ -159,7 +172,6 @@ class Batcher:
                 else:
                     batch.append(self.queue.get_nowait())
             live = [(face, fut) for face, fut in batch if not fut.cancelled()]
-            self.last_batch = len(live)
             if not live:
                 continue
             try:
@@ -186,7 +198,7 @@ class Service:
         self.db_thread = concurrent.futures.ThreadPoolExecutor(1, 'gallery')
         self.gallery = self.db_thread.submit(type(gallery).open, gallery.db_path).result()
         gallery.close()
-        self.hasher = hasher
+        self.hasher = hasher.trace()
         self.hasher_key_id = self.gallery.meta['key_id']
         if self.hasher_key_id != gallery.meta['key_id']:
             raise UserError(f'{gallery.db_path} was re-keyed while the service started: start it '
@@ -201,7 +213,7 @@ class Service:
         return self.hasher.codes(faces), self.hasher_key_id
 
     def _swap_hasher(self, key, kid):
-        self.hasher = Hasher(self.cfg, key)
+        self.hasher = Hasher(self.cfg, key).trace()
         self.hasher_key_id = kid
 
     async def db(self, fn, *args):
@@ -211,11 +223,11 @@ class Service:
     async def probe(self, upload, want_crop=False):
         """(code, key id, crop data URL or None) of an uploaded photo; 413/422 for a bad image."""
         source = _upload_name(upload)
-        with self.batcher.preparing():
+        with self.batcher.photo():
             data = await upload.read()
             face = await asyncio.get_running_loop().run_in_executor(
                 None, self._face, data, source)
-        code, kid = await self.batcher.code(face)
+            code, kid = await self.batcher.code(face)
         return code, kid, (_data_url(face) if want_crop else None)
 
     def _face(self, data, source):
