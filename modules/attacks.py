@@ -122,17 +122,20 @@ def lp_preimage(stack, code, low, high):
     return x.astype(np.float32), float(res.x[-1])
 
 
-def gradient_preimage(stack, codes, radius, steps=1000, learning_rate=0.05, margin=0.5,
-                      hinge_weight=1.0, seed=0):
+def gradient_preimage(stack, codes, radius, steps=1000, learning_rate=0.05, margin=1.0,
+                      hinge_weight=1.0, hinge_growth=0.02, seed=0):
     """Embeddings x' (V, d) whose codes under `stack` are `codes` (V, m), found by gradient descent.
 
-    x = radius * u / |u|. The loss starts as the mean cross-entropy of the stolen indices under the
-    soft assignment softmax(z / sigma) of every group (sigma: the spread of the projections at the
+    x = radius * u / |u|. The loss is the mean cross-entropy of the stolen indices under the soft
+    assignment softmax(z / sigma) of every group (sigma: the spread of the projections at the
     start, so the temperature does not depend on the model's scale), which pulls x towards the
-    victim's region, and adds a hinge on each group's margin z_{i,c_i} - max_{j != c_i} z_{i,j}
-    below `margin` * sigma, which alone decides the last groups (cross-entropy would rather trade
-    a few groups for a lower sum). All victims are optimised together; each keeps the iterate that
-    matched most of its groups, and the search stops once every code is reproduced.
+    victim's region, plus a hinge on each group's margin z_{i,c_i} - max_{j != c_i} z_{i,j}
+    below `margin` * sigma, which decides the last groups (cross-entropy alone would rather trade
+    a few groups for a lower sum). The hinge's weight grows by `hinge_growth` per step and its
+    margin shrinks to 0 by half the steps: a wide margin early keeps x deep inside the code's
+    region, a vanishing one late lets every group be met when the region is thin. All victims
+    are optimised together; each keeps the iterate that matched most of its groups, and the
+    search stops once every code is reproduced.
     """
     codes = np.asarray(codes, np.int64)
     n, d = codes.shape[0], _input_size(stack)
@@ -144,21 +147,22 @@ def gradient_preimage(stack, codes, radius, steps=1000, learning_rate=0.05, marg
     optimizer = tf.keras.optimizers.Adam(learning_rate)
 
     @tf.function
-    def step():
+    def step(weight, margin):
         with tf.GradientTape() as tape:
             x = radius * tf.math.l2_normalize(u, axis=1)
             z = stack.logits(x) / sigma
             chosen = tf.reduce_sum(z * target, axis=-1)
             runner_up = tf.reduce_max(z - 1e9 * target, axis=-1)
             hinge = tf.reduce_mean(tf.nn.relu(margin - (chosen - runner_up)))
-            loss = tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(target, z)) + hinge_weight * hinge
+            loss = tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(target, z)) + weight * hinge
         optimizer.apply_gradients([(tape.gradient(loss, u), u)])
         return x, tf.reduce_sum(tf.cast(chosen > runner_up, tf.int32), axis=1)
 
     best_x = np.zeros((n, d), np.float32)
     best_hits = np.full(n, -1)
-    for _ in range(steps):
-        x, hits = step()
+    for i in range(steps):
+        x, hits = step(tf.constant(hinge_weight * (1 + hinge_growth * i), tf.float32),
+                       tf.constant(margin * max(0.0, 1 - i / (steps / 2)), tf.float32))
         hits = hits.numpy()
         better = hits > best_hits
         if better.any():
