@@ -36,6 +36,9 @@ flags.DEFINE_float('batch_wait_ms', 30.0, 'longest wait of a batch for more phot
 flags.DEFINE_enum('role', None, ('admin', 'client'), 'token add: what the token may do (admin: '
                   'enrol, list, revoke, rekey; client: verify, identify)')
 flags.DEFINE_string('id', None, 'token revoke: the id printed by `token add` / `token list`')
+flags.DEFINE_enum('key_mode', 'application', ('application', 'subject'), 'a new gallery: one '
+                  'application key (verify and identify) or a key per subject, returned once at '
+                  'enrolment and sent with each verify (verify only)')
 flags.DEFINE_enum('log_level', 'info', ('debug', 'info', 'warning', 'error'), 'server log level')
 FLAGS = flags.FLAGS
 
@@ -80,9 +83,10 @@ def _serve():
     if not os.path.exists(FLAGS.db):
         if FLAGS.cfg_path is None:
             raise UserError(f'{FLAGS.db} does not exist: give --cfg_path to create it')
-        gallery, _ = init_with_model(FLAGS.db, FLAGS.cfg_path)
-        print(f"[*] created {FLAGS.db} and key file {FLAGS.db}.key (key id "
-              f"{gallery.meta['key_id']})")
+        gallery, _ = init_with_model(FLAGS.db, FLAGS.cfg_path, FLAGS.key_mode)
+        print(f'[*] created {FLAGS.db} ' + (
+            f"and key file {FLAGS.db}.key (key id {gallery.meta['key_id']})"
+            if not gallery.subject_keys else '(subject keys: no key file)'))
         gallery.close()
     gallery, hasher, cfg = open_with_model(FLAGS.db, FLAGS.cfg_path)
     threshold, source = decision_threshold(cfg, FLAGS.threshold, FLAGS.far)
@@ -90,8 +94,9 @@ def _serve():
                         max_upload_bytes=int(FLAGS.max_upload_mb * 2 ** 20),
                         max_pixels=FLAGS.max_pixels, align=FLAGS.align,
                         max_batch=FLAGS.max_batch, batch_wait_s=FLAGS.batch_wait_ms / 1000)
-    print(f'[*] {FLAGS.db}: {gallery.count()} templates, m={gallery.m} q={gallery.q}, key id '
-          f"{gallery.meta['key_id']}; threshold {threshold:g} ({source})")
+    print(f'[*] {FLAGS.db}: {gallery.count()} templates, m={gallery.m} q={gallery.q}, '
+          f"{gallery.meta['key_mode']} key(s), key id {gallery.meta['key_id']}; threshold "
+          f'{threshold:g} ({source})')
     print(f'[*] serving on http://{FLAGS.host}:{FLAGS.port}/ (API docs at /docs)', flush=True)
     # uvicorn finishes the requests in flight on SIGTERM/SIGINT and then raises the signal again
     # with the handler it found: this one makes that clean stop (or one before uvicorn runs) an

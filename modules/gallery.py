@@ -358,6 +358,11 @@ class Gallery:
                                      'an application-key gallery, or verify a named subject with '
                                      'its key')
 
+    def check_can_rekey(self):
+        """UserError for a subject-key gallery, which has no application key to change."""
+        self._refuse_in_subject_mode('rekey', 'there is no application key; a subject gets a new '
+                                     'key by being revoked and enrolled again')
+
     def subject_key_id(self, name):
         """Id of the key a subject's templates were made with; UserError for an unknown name."""
         rows = self._read('SELECT DISTINCT key_id FROM templates WHERE name = ?', (name,))
@@ -443,8 +448,7 @@ class Gallery:
 
     def rekey(self):
         """New application key: every stored template is deleted (subjects must re-enrol)."""
-        self._refuse_in_subject_mode('rekey', 'there is no application key; a subject gets a new '
-                                     'key by being revoked and enrolled again')
+        self.check_can_rekey()
         new = new_key()
         kpath = key_path(self.db_path)
         pending = kpath + PENDING_SUFFIX
@@ -571,17 +575,30 @@ class Hasher:
         self._forward(tf.zeros([1, size, size, 3]))
         return self
 
+    def _run(self, forward, faces):
+        faces = np.asarray(faces)
+        batch = self.cfg['eval_batch_size']
+        return np.concatenate([forward(faces[i:i + batch].astype(np.float32) / 255.0).numpy()
+                               for i in range(0, len(faces), batch)])
+
     def codes(self, faces, subject_key=None):
         """uint8 codes (N, m) of aligned uint8 faces (N, size, size, 3), under the application
         key or, when given, a subject's key (the embedding model runs once either way)."""
-        faces = np.asarray(faces)
-        batch = self.cfg['eval_batch_size']
-        forward = self._forward if subject_key is None else self._embed
-        out = np.concatenate([forward(faces[i:i + batch].astype(np.float32) / 255.0).numpy()
-                              for i in range(0, len(faces), batch)])
-        if subject_key is not None:
-            from modules.models import iom_codes
-            out = iom_codes(self.model, out, perm_key=subject_key)
+        if subject_key is None:
+            return pack_codes(self._run(self._forward, faces), self.cfg['q'], 'model output')
+        return self.subject_codes(self._run(self._embed, faces), [subject_key] * len(faces))
+
+    def embeddings(self, faces):
+        """Float embeddings (N, d) of aligned uint8 faces: what subject keys are applied to."""
+        return self._run(self._embed, faces)
+
+    def subject_codes(self, embeddings, keys):
+        """uint8 codes of embeddings, row i hashed under keys[i] (rows sharing a key together)."""
+        from modules.models import iom_codes
+        out = np.zeros((len(keys), self.cfg['m']), np.int32)
+        for key in set(keys):
+            rows = [i for i, k in enumerate(keys) if k == key]
+            out[rows] = iom_codes(self.model, embeddings[rows], perm_key=key)
         return pack_codes(out, self.cfg['q'], 'model output')
 
     def photo_codes(self, paths, align='auto', subject_key=None):

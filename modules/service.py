@@ -29,7 +29,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modules.align import face_crop, read_photo
-from modules.gallery import Hasher, NotEnrolled, accepts, check_name, token_role
+from modules.gallery import Hasher, NotEnrolled, accepts, check_name, new_key, token_role
 from modules.utils import UserError
 
 log = logging.getLogger('iomface.service')
@@ -140,15 +140,16 @@ class Batcher:
         with contextlib.suppress(asyncio.CancelledError):
             await self.task
         while not self.queue.empty():
-            _, future = self.queue.get_nowait()
+            *_, future = self.queue.get_nowait()
             if not future.done():
                 future.set_exception(RuntimeError('the service is stopping'))
         self.model_thread.shutdown(wait=True)
 
-    async def code(self, face):
-        """(uint8 code (m,), key id it was made under) of one aligned face."""
+    async def code(self, face, subject_key=None):
+        """(uint8 code (m,), key id it was made under) of one aligned face, under the gallery's
+        key or, in a subject-key gallery, the request's `subject_key`."""
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put((face, future))
+        await self.queue.put((face, subject_key, future))
         return await future
 
     async def run_on_model_thread(self, fn, *args):
@@ -171,20 +172,21 @@ class Batcher:
                         break
                 else:
                     batch.append(self.queue.get_nowait())
-            live = [(face, fut) for face, fut in batch if not fut.cancelled()]
+            live = [item for item in batch if not item[-1].cancelled()]
             if not live:
                 continue
             try:
                 codes, kid = await loop.run_in_executor(
-                    self.model_thread, self.hash_faces, np.stack([face for face, _ in live]))
+                    self.model_thread, self.hash_faces, np.stack([face for face, _, _ in live]),
+                    [key for _, key, _ in live])
             except Exception as err:  # the model failed: every waiter hears it, the loop goes on
-                for _, fut in live:
+                for *_, fut in live:
                     if not fut.done():
                         fut.set_exception(err)
                 continue
             self.batches += 1
             self.hashed += len(live)
-            for (_, fut), code in zip(live, codes):
+            for (*_, fut), code in zip(live, codes):
                 if not fut.done():
                     fut.set_result((code, kid))
 
@@ -208,8 +210,12 @@ class Service:
         self.auth_gallery = None  # opened by the app's lifespan, on the event loop's thread
         self.batcher = Batcher(self._hash_faces, settings.max_batch, settings.batch_wait_s)
 
-    def _hash_faces(self, faces):
+    def _hash_faces(self, faces, subject_keys):
         # Runs on the model thread, as does a rekey's model swap: the key id names the key used.
+        # Subject keys: one embedding pass for the batch, then each row under its own key.
+        if self.gallery.subject_keys:
+            return self.hasher.subject_codes(self.hasher.embeddings(faces), subject_keys), \
+                self.hasher_key_id
         return self.hasher.codes(faces), self.hasher_key_id
 
     def _swap_hasher(self, key, kid):
@@ -220,14 +226,14 @@ class Service:
         """Run fn(*args) on the database thread."""
         return await asyncio.get_running_loop().run_in_executor(self.db_thread, fn, *args)
 
-    async def probe(self, upload, want_crop=False):
+    async def probe(self, upload, want_crop=False, subject_key=None):
         """(code, key id, crop data URL or None) of an uploaded photo; 413/422 for a bad image."""
         source = _upload_name(upload)
         with self.batcher.photo():
             data = await upload.read()
             face = await asyncio.get_running_loop().run_in_executor(
                 None, self._face, data, source)
-            code, kid = await self.batcher.code(face)
+            code, kid = await self.batcher.code(face, subject_key)
         return code, kid, (_data_url(face) if want_crop else None)
 
     def _face(self, data, source):
@@ -240,6 +246,29 @@ class Service:
             return face_crop(image, self.cfg['input_size'], self.settings.align, source=source)
         except UserError as err:  # FaceError, or landmarks that fix no alignment: the photo's
             raise HTTPException(422, str(err)) from None
+
+
+def _subject_key(gallery, text, required):
+    """The request's subject key (an int) in a subject-key gallery, None otherwise; 422 when it
+    is missing where required, malformed, or sent to an application-key gallery. The key itself
+    is never put in a message."""
+    if not gallery.subject_keys:
+        if text is not None:
+            raise HTTPException(422, 'subject_key: this gallery uses one application key; send '
+                                'no subject key')
+        return None
+    if text is None:
+        if required:
+            raise HTTPException(422, 'subject_key: required in a subject-key gallery (the hex '
+                                "key issued at the subject's enrolment)")
+        return None
+    try:
+        key = int(text.strip(), 16)
+    except ValueError:
+        raise HTTPException(422, 'subject_key: not a hexadecimal key') from None
+    if key < 0:
+        raise HTTPException(422, 'subject_key: not a hexadecimal key')
+    return key
 
 
 def _check_name(name):
@@ -300,6 +329,8 @@ client_auth = Depends(_role_checker('client'))
 admin_auth = Depends(_role_checker('admin'))
 IMAGE = File(..., description='face photo (aligned on the fly unless it is an input_size crop)')
 WANT_CROP = Form(False, description='also return the aligned crop as a PNG data URL')
+SUBJECT_KEY = Form(None, description="subject-key galleries only: the subject's key (hex), as "
+                   'issued at enrolment; never stored or logged')
 
 
 def create_app(gallery, hasher, cfg, settings):
@@ -339,18 +370,34 @@ def create_app(gallery, hasher, cfg, settings):
                 'model_calls': service.batcher.batches}
 
     @app.post('/v1/subjects/{name}/templates', status_code=201, dependencies=[admin_auth])
-    async def enroll(name: str, image: UploadFile = IMAGE, return_crop: bool = WANT_CROP):
-        """Enrol one photo of `name` (a new subject or one more template)."""
+    async def enroll(name: str, image: UploadFile = IMAGE, return_crop: bool = WANT_CROP,
+                     subject_key: str | None = SUBJECT_KEY):
+        """Enrol one photo of `name` (a new subject or one more template). In a subject-key
+        gallery a new subject gets a fresh key, returned once as `subject_key` (hex) and never
+        stored; another template of an enrolled subject needs that key."""
         _check_name(name)
-        code, kid, crop = await service.probe(image, return_crop)
+        key = _subject_key(gallery, subject_key, required=False)
+        issued = gallery.subject_keys and key is None
+        if issued:
+            key = new_key()
+        code, kid, crop = await service.probe(image, return_crop, key)
 
         def write():
             if kid != gallery.meta['key_id']:
                 raise HTTPException(409, _REKEYED)
-            gallery.enroll(name, code[None], [f'upload:{_upload_name(image)}'])
+            try:
+                gallery.enroll(name, code[None], [f'upload:{_upload_name(image)}'],
+                               subject_key=key)
+            except UserError as err:
+                if 'another key' in str(err):  # an enrolled subject, a new or wrong key
+                    raise HTTPException(409, str(err)) from None
+                raise
             return len(gallery.templates_of(name))
         templates = await service.db(write)
-        return _with_crop({'name': name, 'templates': templates}, crop)
+        body = {'name': name, 'templates': templates}
+        if issued:
+            body['subject_key'] = f'{key:x}'
+        return _with_crop(body, crop)
 
     @app.get('/v1/subjects', dependencies=[admin_auth])
     async def subjects():
@@ -366,24 +413,33 @@ def create_app(gallery, hasher, cfg, settings):
 
     @app.post('/v1/verify', dependencies=[client_auth])
     async def verify(name: str = Form(..., description='claimed subject'),
-                     image: UploadFile = IMAGE, return_crop: bool = WANT_CROP):
-        """1:1 — is this photo `name`? The smallest Hamming distance to its templates."""
-        code, kid, crop = await service.probe(image, return_crop)
+                     image: UploadFile = IMAGE, return_crop: bool = WANT_CROP,
+                     subject_key: str | None = SUBJECT_KEY):
+        """1:1 — is this photo `name`? The smallest Hamming distance to its templates. In a
+        subject-key gallery the subject's key comes with the request; a wrong key never
+        matches."""
+        key = _subject_key(gallery, subject_key, required=True)
+        code, kid, crop = await service.probe(image, return_crop, key)
 
         def decide():
             if kid != gallery.meta['key_id']:
                 raise HTTPException(409, _REKEYED)
-            return gallery.verify(name, code)
-        distance = await service.db(decide)
-        return _with_crop({'name': name, 'distance': distance, 'm': gallery.m,
-                           'threshold': settings.threshold,
-                           'match': bool(accepts(distance, settings.threshold))}, crop)
+            return gallery.verify(name, code), gallery.key_matches(name, key)
+        distance, key_ok = await service.db(decide)
+        body = {'name': name, 'distance': distance, 'm': gallery.m,
+                'threshold': settings.threshold,
+                'match': bool(key_ok and accepts(distance, settings.threshold))}
+        if gallery.subject_keys:
+            body['key_matches'] = bool(key_ok)
+        return _with_crop(body, crop)
 
     @app.post('/v1/identify', dependencies=[client_auth])
     async def identify(image: UploadFile = IMAGE,
                        top_k: int = Form(5, ge=1, le=_MAX_TOP_K, description='candidates'),
                        return_crop: bool = WANT_CROP):
-        """1:N — the top_k closest templates, best first, each with its decision."""
+        """1:N — the top_k closest templates, best first, each with its decision (not in a
+        subject-key gallery: 409)."""
+        _refuse_in_subject_mode(gallery.check_can_identify)
         code, kid, crop = await service.probe(image, return_crop)
 
         def search():
@@ -397,7 +453,9 @@ def create_app(gallery, hasher, cfg, settings):
 
     @app.post('/v1/rekey', dependencies=[admin_auth])
     async def rekey():
-        """New application key: every template is deleted, every subject must enrol again."""
+        """New application key: every template is deleted, every subject must enrol again (not
+        in a subject-key gallery: 409)."""
+        _refuse_in_subject_mode(gallery.check_can_rekey)
         old = gallery.meta['key_id']
         deleted = await service.db(gallery.rekey)
         await service.batcher.run_on_model_thread(service._swap_hasher, gallery.key,
@@ -417,6 +475,14 @@ def create_app(gallery, hasher, cfg, settings):
 _PAGE_HEADERS = {'Content-Security-Policy': "default-src 'self'; img-src 'self' data: blob:; "
                  "media-src 'self' blob:; object-src 'none'; base-uri 'none'; "
                  "frame-ancestors 'none'", 'Cache-Control': 'no-store'}
+
+
+def _refuse_in_subject_mode(check):
+    """409 with the gallery's own one-line reason when `check()` refuses (subject-key mode)."""
+    try:
+        check()
+    except UserError as err:
+        raise HTTPException(409, str(err)) from None
 
 
 def _with_crop(body, crop):

@@ -395,3 +395,38 @@ def test_sigterm_then_sigkill_during_enrolment_loses_nothing_acknowledged(svc):
     assert len(extra) <= 16 and all(len(gallery.templates_of(n)) == 1 for n in extra)
     print(f'SIGKILL: {len(acked)} enrolments acknowledged, all present, integrity ok, '
           f'{len(extra)} committed but not acknowledged')
+
+
+def test_subject_keys_travel_with_the_request_and_are_never_kept(svc):
+    work, faces = svc['work'], svc['faces']
+    db = os.path.join(work, 'subject.sqlite')
+    server = Server(work, db, '--cfg_path', svc['cfg_path'], '--threshold', str(THRESHOLD),
+                    '--key_mode', 'subject')
+    try:
+        admin, client = bearer(token(work, db, 'admin')), bearer(token(work, db, 'client'))
+        photo = {'image': ('a.jpg', jpeg(faces[0]))}
+        r = httpx.post(server.url + '/v1/subjects/alice/templates', files=photo, headers=admin)
+        assert r.status_code == 201, r.text
+        key = r.json()['subject_key']
+        other = f'{int(key, 16) ^ 1:x}'
+        answer = httpx.post(server.url + '/v1/verify', data={'name': 'alice', 'subject_key': key},
+                            files=photo, headers=client).json()
+        assert answer['distance'] == 0 and answer['match'] and answer['key_matches']
+        # Someone else's key never matches, even at a threshold that would accept any code.
+        answer = httpx.post(server.url + '/v1/verify', data={'name': 'alice', 'subject_key': other},
+                            files=photo, headers=client).json()
+        assert not answer['match'] and not answer['key_matches']
+        missing = no_traceback(httpx.post(server.url + '/v1/verify', data={'name': 'alice'},
+                                          files=photo, headers=client))
+        assert missing.status_code == 422 and 'subject_key' in missing.json()['detail']
+        again = httpx.post(server.url + '/v1/subjects/alice/templates', files=photo,
+                           data={'subject_key': other}, headers=admin)
+        assert again.status_code == 409 and 'another key' in again.json()['detail']
+        for path, who in (('/v1/identify', client), ('/v1/rekey', admin)):
+            refused = no_traceback(httpx.post(server.url + path, files=photo, headers=who))
+            assert refused.status_code == 409 and 'subject-key gallery' in refused.json()['detail']
+    finally:
+        assert server.stop() == 0
+    stored = b''.join(open(p, 'rb').read() for p in (db, db + '-wal') if os.path.exists(p))
+    for secret in (key, other):
+        assert secret.encode() not in stored and secret not in server.log()
