@@ -68,9 +68,15 @@ function showCrop(body) {
   if (body.crop) $('crop').src = body.crop;
 }
 
+// The subject's key, when one is typed in (subject-key galleries); never kept by the page.
+function keyField() {
+  const key = $('subject-key').value.trim();
+  return key ? { subject_key: key } : {};
+}
+
 async function verify() {
   const name = needName();
-  const form = name && photoForm({ name });
+  const form = name && photoForm({ name, ...keyField() });
   if (!form) return;
   show('…');
   const result = await call('POST', '/v1/verify', form);
@@ -111,13 +117,16 @@ async function identify() {
 
 async function enroll() {
   const name = needName();
-  const form = name && photoForm();
+  const form = name && photoForm(keyField());
   if (!form) return;
   show('…');
   const result = await call('POST', '/v1/subjects/' + encodeURIComponent(name) + '/templates', form);
   if (failed(result)) return;
   showCrop(result.body);
-  show('Enrolled ' + result.body.name + ' (' + result.body.templates + ' template(s))', 'match');
+  const issued = result.body.subject_key
+    ? '. Subject key, shown only now (give it to the subject): ' + result.body.subject_key : '';
+  show('Enrolled ' + result.body.name + ' (' + result.body.templates + ' template(s))' + issued,
+       'match');
 }
 
 async function revoke() {
