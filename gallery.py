@@ -15,7 +15,7 @@ import sys
 
 from absl import app, flags
 
-from modules.align import ALIGN_MODES
+from modules import gallery as gallery_lib
 from modules.utils import UserError, cli_guard
 
 COMMANDS = ('init', 'enroll', 'enroll_dir', 'verify', 'identify', 'revoke', 'rekey', 'list')
@@ -27,12 +27,8 @@ flags.DEFINE_string('image', None, 'face photo: a 112x112 aligned crop or a phot
                     'with modules.align, see --align)')
 flags.DEFINE_string('input_dir', None, 'enroll_dir: one sub-folder of photos per subject')
 flags.DEFINE_integer('top_k', 5, 'identify: number of closest templates to print', lower_bound=1)
-flags.DEFINE_float('threshold', None, 'accept when the Hamming distance is <= this (default: the '
-                   "EER threshold of the model's latest test_twostage_iom.py results)")
-flags.DEFINE_float('far', None, 'use the threshold that gave this false-accept rate on the last '
-                   'evaluation instead of the EER threshold')
-flags.DEFINE_enum('align', 'auto', ALIGN_MODES, 'detect and align faces: auto = only photos that '
-                  'are not already input_size square, always, never')
+gallery_lib.define_decision_flags()
+flags.adopt_module_key_flags(gallery_lib)  # listed by --help like the script's own
 flags.DEFINE_enum('key_mode', 'application', ['application', 'subject'], 'init: one application '
                   'key file beside the database (1:1 and 1:N), or a key per subject that only the '
                   'subject holds (1:1 only)')

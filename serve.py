@@ -12,7 +12,7 @@ import sys
 
 from absl import app, flags
 
-from modules.align import ALIGN_MODES
+from modules import gallery as gallery_lib
 from modules.utils import UserError, cli_guard
 
 flags.DEFINE_string('db', None, 'gallery database file (its key file is <db>.key)')
@@ -24,12 +24,8 @@ flags.DEFINE_integer('port', 8000, 'TCP port', lower_bound=0, upper_bound=65535)
 flags.DEFINE_float('max_upload_mb', 10.0, 'largest request body (413 above it)', lower_bound=0.01)
 flags.DEFINE_integer('max_pixels', 40_000_000, 'largest image in pixels (413 above it: '
                      'decompression bombs)', lower_bound=1)
-flags.DEFINE_float('threshold', None, 'accept when the Hamming distance is <= this (default: the '
-                   "EER threshold of the model's latest test_twostage_iom.py results)")
-flags.DEFINE_float('far', None, 'use the threshold that gave this false-accept rate on the last '
-                   'evaluation instead of the EER threshold')
-flags.DEFINE_enum('align', 'auto', ALIGN_MODES, 'detect and align faces: auto = only photos that '
-                  'are not already input_size square, always, never')
+gallery_lib.define_decision_flags()
+flags.adopt_module_key_flags(gallery_lib)  # listed by --help like the script's own
 flags.DEFINE_integer('max_batch', 64, 'most photos hashed in one model call', lower_bound=1)
 flags.DEFINE_float('batch_wait_ms', 30.0, 'longest wait of a batch for more photos (only while '
                    'fewer than recently waited at once are in it)', lower_bound=0.0)

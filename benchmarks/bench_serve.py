@@ -18,7 +18,6 @@ import asyncio
 import glob
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from modules.utils import STAGE2_REQUIRED, UserError, cli_guard, load_config  # noqa: E402
+from tests.workers import free_port  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('cfg_path', 'configs/quickstart_stage2.yaml', 'stage-2 config (trained)')
@@ -44,12 +44,6 @@ flags.DEFINE_integer('offline_images', 512, 'images hashed per offline measureme
 flags.DEFINE_float('batch_wait_ms', None, "the server's --batch_wait_ms (default: serve.py's)")
 CLIENTS = (1, 4, 16)
 ENDPOINTS = ('verify', 'identify')
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
 
 
 def start_server(db, cfg_path, log_path, *extra):

@@ -608,6 +608,20 @@ class Hasher:
         return self.codes(np.stack([load_face(p, size, align) for p in paths]), subject_key)
 
 
+def define_decision_flags():
+    """The absl flags of a match decision shared by gallery.py and serve.py: --threshold, --far,
+    --align."""
+    from absl import flags
+
+    from modules.align import ALIGN_MODES
+    flags.DEFINE_float('threshold', None, 'accept when the Hamming distance is <= this (default: '
+                       "the EER threshold of the model's latest test_twostage_iom.py results)")
+    flags.DEFINE_float('far', None, 'use the threshold that gave this false-accept rate on the '
+                       'last evaluation instead of the EER threshold')
+    flags.DEFINE_enum('align', 'auto', ALIGN_MODES, 'detect and align faces: auto = only photos '
+                      'that are not already input_size square, always, never')
+
+
 def accepts(distance, threshold):
     """The decision: a probe matches when its Hamming distance is <= the threshold."""
     return distance <= threshold

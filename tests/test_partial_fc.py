@@ -13,7 +13,8 @@ import sys
 import numpy as np
 import pytest
 
-from tests.test_training import free_port, last_json, make_tree, write_cfg
+from tests.test_training import last_json, make_tree, write_cfg
+from tests.workers import run_two_workers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -271,23 +272,9 @@ def test_multi_worker_partial_fc_on_loopback(tmp_path, tfrecord):
     cfg = write_cfg(tmp_path, tfrecord, head_type='ArcHead', margin=0.2, logist_scale=16,
                     partial_fc=True, sample_rate=0.5, batch_size=16, base_lr=0.01,
                     max_steps=steps, save_steps=steps, log_steps=1)
-    workers = [f'127.0.0.1:{free_port()}', f'127.0.0.1:{free_port()}']
-    procs = []
-    for index in range(2):
-        env = dict(os.environ, PYTHONPATH=ROOT, TF_CONFIG=json.dumps(
-            {'cluster': {'worker': workers}, 'task': {'type': 'worker', 'index': index}}))
-        wd = tmp_path / f'w{index}'
-        wd.mkdir()
-        procs.append(subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, 'train.py'), '--cfg_path', cfg], cwd=wd, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    try:
-        outs = [p.communicate(timeout=240) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for proc, (out, err) in zip(procs, outs):
-        assert proc.returncode == 0, err[-3000:]
+    results = run_two_workers(cfg, tmp_path, timeout=240)
+    for returncode, out, err in results:
+        assert returncode == 0, err[-3000:]
         assert last_json(out)['step'] == steps
     losses = read_losses(tmp_path / 'w0' / 'logs' / 't')
     print('chief losses', np.round(losses, 4).tolist())

@@ -6,7 +6,6 @@ import io
 import os
 import random
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -18,18 +17,13 @@ import numpy as np
 import pytest
 
 from modules.gallery import Gallery
+from tests.workers import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='-1')
 SERVE = os.path.join(ROOT, 'serve.py')
 THRESHOLD = 8  # the tiny random model's codes: same photo 0, other photos ~5-20 of 32
 START_TIMEOUT_S = 180
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
 
 
 class Server:

@@ -2,7 +2,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,6 +10,8 @@ import cv2
 import numpy as np
 import pytest
 import yaml
+
+from tests.workers import run_two_workers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_IDS, PER_ID = 4, 6
@@ -155,28 +156,12 @@ print('REPLICAS', strategy.num_replicas_in_sync, out['step'])
     assert 'REPLICAS 2 4' in proc.stdout
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize('extra', FAST_AND_MIXED, ids=['float32', 'bf16_xla'])
 def test_multi_worker_mirrored_on_loopback(tmp_path, tfrecord, extra):
     cfg = write_cfg(tmp_path, tfrecord, max_steps=3, save_steps=100, **extra)
-    workers = [f'127.0.0.1:{free_port()}', f'127.0.0.1:{free_port()}']
-    procs = []
-    for index in range(2):
-        env = dict(os.environ, PYTHONPATH=ROOT, TF_CONFIG=json.dumps(
-            {'cluster': {'worker': workers}, 'task': {'type': 'worker', 'index': index}}))
-        wd = tmp_path / f'w{index}'
-        wd.mkdir()
-        procs.append(subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, 'train.py'), '--cfg_path', cfg], cwd=wd, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=300) for p in procs]
-    for proc, (out, err) in zip(procs, outs):
-        assert proc.returncode == 0, err[-3000:]
+    results = run_two_workers(cfg, tmp_path, timeout=300)
+    for returncode, out, err in results:
+        assert returncode == 0, err[-3000:]
         assert last_json(out)['step'] == 3
     # Only the chief (worker 0) writes into checkpoints/<sub_name>.
     assert list((tmp_path / 'w0' / 'checkpoints' / 't').glob('ckpt-3.index'))
