@@ -23,6 +23,7 @@ call. The application key file is `<db>.key` beside an SQLite file; for PostgreS
 `<dbname>.key` beside the configuration file unless `key_file` says otherwise: never in the
 database.
 """
+import contextlib
 import glob
 import hashlib
 import hmac
@@ -198,6 +199,16 @@ _AUDIT_COLUMNS = ('time', 'event', 'name', 'detail')
 _INSERT_AUDIT = 'INSERT INTO audit (time, event, name, detail) VALUES (?, ?, ?, ?)'
 
 
+def _finish_rekey(pending, kpath, new):
+    """Move the new key file into place; another process that opened the gallery after the
+    commit may have moved it already."""
+    try:
+        os.replace(pending, kpath)
+    except FileNotFoundError:
+        if read_key(kpath) != new:
+            raise UserError(f'{kpath}: the new key file {pending} vanished during rekey') from None
+
+
 class Gallery:
     """An open gallery with its application key; see the module docstring."""
 
@@ -300,10 +311,14 @@ class Gallery:
         # A rekey writes the new key to <key>.new, commits the database, then renames the file:
         # finish a rekey that was interrupted between the last two steps.
         if os.path.isfile(pending):
-            new = read_key(pending)
-            if key_id(new) == expected_id:
-                os.replace(pending, kpath)
-                return new
+            with contextlib.suppress(UserError):  # another process may move it meanwhile
+                new = read_key(pending)
+                if key_id(new) == expected_id:
+                    _finish_rekey(pending, kpath, new)
+                    return new
+        key = read_key(kpath)  # a rekey in another process may have just moved it into place
+        if key_id(key) == expected_id:
+            return key
         raise UserError(f'{kpath}: key id {key_id(key)} is not the key of {db_path} (key id '
                         f'{expected_id}); use the key file made with this database')
 
@@ -314,13 +329,19 @@ class Gallery:
     def refresh(self):
         """Catch up with other processes: the generation and, after a rekey elsewhere, the new
         application key (read from the key file). Returns the generation."""
-        rows = dict(self._read("SELECT key, value FROM meta WHERE key IN ('generation', "
-                               "'key_id')"))
-        if rows['key_id'] != self.meta['key_id']:
-            self.key = (self._matching_key(self.db_path, self.key_file, rows['key_id'])
-                        if not self.subject_keys else None)
+        for attempt in range(3):
+            rows = dict(self._read("SELECT key, value FROM meta WHERE key IN ('generation', "
+                                   "'key_id')"))
+            if rows['key_id'] == self.meta['key_id'] or self.subject_keys:
+                return rows['generation']
+            try:
+                self.key = self._matching_key(self.db_path, self.key_file, rows['key_id'])
+            except UserError:
+                if attempt == 2:
+                    raise
+                continue  # re-keyed once more meanwhile: the key file is newer than what we read
             self.meta['key_id'] = rows['key_id']
-        return rows['generation']
+            return rows['generation']
 
     def _write(self):
         """One write transaction that also moves the generation counter."""
@@ -468,7 +489,7 @@ class Gallery:
             conn.execute("UPDATE meta SET value = ? WHERE key = 'key_id'", (new_id,))
             conn.execute(_INSERT_AUDIT, (time.time(), 'rekey', None,
                           f'key {old_id} -> {new_id}, {deleted} template(s) deleted'))
-        os.replace(pending, self.key_file)
+        _finish_rekey(pending, self.key_file, new)
         self.meta['key_id'], self.key = new_id, new
         return deleted
 

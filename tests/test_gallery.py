@@ -187,6 +187,77 @@ def test_bulk_enrol_killed_with_sigkill_resumes_with_every_subject_once(tmp_path
             ('ok',)
 
 
+_ENROLLER = """
+import sys
+import numpy as np
+from modules.gallery import Gallery, KeyChanged
+gallery = Gallery.open(sys.argv[1])
+refused, after = 0, 0
+for i in range(3000):  # until 5 enrolments after the 6th rekey
+    name = f'e{sys.argv[2]}_{i:04d}'
+    try:  # codes 'made' under the key this process holds, which a rekey elsewhere replaces
+        gallery.enroll(name, np.zeros((1, 32), np.uint8), [name])
+    except KeyChanged:
+        refused += 1
+        gallery.refresh()  # the new key, from the key file
+    rekeys = gallery._read("SELECT COUNT(*) FROM audit WHERE event = 'rekey'")[0][0]
+    after += rekeys == 6
+    if after > 5:
+        break
+print(refused)
+"""
+_REKEYER = """
+import sys, time
+from modules.gallery import Gallery
+gallery = Gallery.open(sys.argv[1])
+for _ in range(6):
+    time.sleep(0.05)
+    gallery.rekey()
+"""
+
+
+def test_concurrent_rekey_and_enrolment_never_leave_codes_of_two_keys(tmp_path, new_db):
+    gallery = new_gallery(tmp_path, new_db())
+    procs = [subprocess.Popen([sys.executable, '-c', code, gallery.db_path, str(w)], env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for w, code in enumerate([_ENROLLER] * 3 + [_REKEYER])]
+    outs = [proc.communicate(timeout=300) for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), [err for _, err in outs]
+    refused = sum(int(out) for out, _ in outs[:3])
+    gallery.refresh()
+    held = {row[0] for row in gallery._read('SELECT DISTINCT key_id FROM templates')}
+    print(f'{refused} enrolments refused as made under a replaced key; key ids held: {held}')
+    assert held == {gallery.meta['key_id']}
+    assert refused >= 3  # each enroller met a rekey between hashing and writing
+    assert [row[1] for row in gallery.audit()].count('rekey') == 6
+    assert gallery.key == read_key(gallery.key_file)
+
+
+def test_postgres_refusals_newer_schema_and_connection_errors(tmp_path, pg_server):
+    import psycopg
+    gallery = new_gallery(tmp_path, pg_server.create_db())
+    with psycopg.connect(gallery.db_path, autocommit=True) as conn:
+        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    with pytest.raises(UserError, match='schema version 2 is newer than this IoMFace'):
+        Gallery.open(gallery.db_path)
+    with pytest.raises(UserError, match='keep the password out of the URL'):
+        Gallery.open(f'postgresql://postgres:secret@127.0.0.1:{pg_server.port}/postgres')
+    with pytest.raises(UserError, match='no gallery in this database'):
+        Gallery.open(pg_server.url('postgres'))
+    gallery_py = os.path.join(ROOT, 'gallery.py')
+    bad = {'does not exist': pg_server.url('nosuchdb'),
+           'role "nobody_here" does not exist':
+               f'postgresql://nobody_here@127.0.0.1:{pg_server.port}/postgres',
+           'Connection refused': 'postgresql://postgres@127.0.0.1:1/postgres'}
+    procs = {why: subprocess.Popen([sys.executable, gallery_py, 'list', '--db', url], env=ENV,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for why, url in bad.items()}
+    for why, proc in procs.items():
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and err.count('\n') == 1, err
+        assert 'cannot connect to PostgreSQL' in err and why in err and 'Traceback' not in err
+
+
 def test_corrupted_database_gives_one_clear_error(tmp_path):
     gallery = new_gallery(tmp_path, str(tmp_path / 'g.sqlite'))
     gallery.enroll('alice', np.zeros((1, M), np.uint8), ['a'])
@@ -262,20 +333,26 @@ def gallery_cli(work, *args):
                           env=ENV, capture_output=True, text=True, timeout=300)
 
 
-def test_cli_enrol_verify_identify(tiny):
+@pytest.mark.parametrize('backend', ['sqlite', 'postgres'])
+def test_cli_enrol_verify_identify(tiny, backend, request):
     work, cfg_path, _, _ = tiny
-    out = gallery_cli(work, 'init', '--cfg_path', cfg_path, '--db', 'g.sqlite')
+    db = 'g.sqlite' if backend == 'sqlite' else request.getfixturevalue('pg_server').create_db()
+    out = gallery_cli(work, 'init', '--cfg_path', cfg_path, '--db', db)
     assert out.returncode == 0, out.stderr
-    assert stat.S_IMODE(os.stat(work / 'g.sqlite.key').st_mode) == 0o600
-    out = gallery_cli(work, 'enroll_dir', '--db', 'g.sqlite', '--input_dir', 'people',
+    key_file = ('g.sqlite.key' if backend == 'sqlite' else
+                os.path.join(os.path.dirname(os.path.abspath(cfg_path)),
+                             db.rsplit('/', 1)[1] + '.key'))
+    assert f'key file {key_file} (mode 0600' in out.stdout
+    assert stat.S_IMODE(os.stat(work / key_file).st_mode) == 0o600
+    out = gallery_cli(work, 'enroll_dir', '--db', db, '--input_dir', 'people',
                       '--noprogress')
     assert out.returncode == 0, out.stderr
     assert '2 subjects: 2 enrolled (4 templates)' in out.stdout and 'broken.jpg' in out.stdout
-    out = gallery_cli(work, 'verify', '--db', 'g.sqlite', '--name', 'alice', '--image',
+    out = gallery_cli(work, 'verify', '--db', db, '--name', 'alice', '--image',
                       'people/alice/1.jpg', '--threshold', '1')
     assert out.returncode == 0 and 'distance 0 / 32' in out.stdout and 'MATCH' in out.stdout
     # Someone never enrolled: the closest templates are listed, none within the threshold.
-    out = gallery_cli(work, 'identify', '--db', 'g.sqlite', '--image', 'stranger.jpg',
+    out = gallery_cli(work, 'identify', '--db', db, '--image', 'stranger.jpg',
                       '--threshold', '1', '--top_k', '3')
     assert out.returncode == 1 and 'MATCH' not in out.stdout, out.stderr
     ranks = [line.split() for line in out.stdout.splitlines() if line.strip()[:2] in ('1.', '3.')]
