@@ -81,6 +81,12 @@ BUMP_GENERATION = ("UPDATE meta SET value = CAST(CAST(value AS BIGINT) + 1 AS TE
                    "WHERE key = 'generation'")
 
 
+# Column types for binary COPY (the columns Gallery bulk-inserts).
+_PG_TYPES = {'name': 'text', 'codes': 'bytea', 'key_id': 'text', 'model_fp': 'text',
+             'source': 'text', 'created': 'float8', 'time': 'float8', 'event': 'text',
+             'detail': 'text'}
+
+
 class DatabaseUnavailable(UserError):
     """The database server cannot be reached right now (the service answers 503 and retries)."""
 
@@ -361,9 +367,10 @@ class PostgresStore:
         """The tokens table is part of the PostgreSQL schema from the start."""
 
     def copy_rows(self, tx, table, columns, rows):
-        """Insert many rows with COPY inside a write transaction."""
+        """Insert many rows with a binary COPY inside a write transaction."""
         with tx.conn.cursor() as cur, cur.copy(
-                f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+                f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types([_PG_TYPES[c] for c in columns])
             for row in rows:
                 copy.write_row(row)
 

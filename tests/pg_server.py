@@ -42,7 +42,8 @@ def _server_user():
 class PgServer:
     """initdb + pg_ctl start; `url(dbname)`, `create_db()`, `restart()`, `stop()`."""
 
-    def __init__(self):
+    def __init__(self, fsync=False):
+        self.fsync = fsync  # off for tests (speed); on for benchmark figures
         self.bin = pg_bin_dir()
         self.user = _server_user()
         self.dir = tempfile.mkdtemp(prefix='iomface-pg-')
@@ -69,8 +70,8 @@ class PgServer:
     def start(self):
         """Start (or start again) on the same port."""
         # Only 127.0.0.1 over TCP (trust is then safe on a test box); the socket in our folder.
-        options = (f'-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off '
-                   '-c max_connections=60')
+        options = (f'-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 '
+                   f"-c fsync={'on' if self.fsync else 'off'} -c max_connections=60")
         self._run('pg_ctl', '-D', self.data, '-l', self.log, '-o', options, '-w', 'start')
 
     def restart(self):
