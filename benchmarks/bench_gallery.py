@@ -43,16 +43,6 @@ flags.DEFINE_string('revocability_cfg', None, 'stage-2 config of a trained model
 flags.DEFINE_integer('num_faces', 200, 'revocability: faces (100 identities x 2)')
 
 
-def best_time(fn, repeats):
-    """(smallest wall time, last result) of `repeats` calls of fn()."""
-    best, out = float('inf'), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
-
-
 def enrol(db, work, label):
     """A new gallery at `db` with --num_codes random codes (bulk transactions); its path."""
     n, m, q = FLAGS.num_codes, FLAGS.m, FLAGS.q
@@ -119,18 +109,21 @@ def scale(work):
                                      f'subject{target:07d}')
             print(f'{label}: cold identify at N = {n:,}: {cold:.2f} s (reads the code matrix '
                   'into memory)')
-        # Warm identify, the backends interleaved on the same probes: median of the repeats.
+        # Warm identify, the backends and the bare search interleaved on the same probes:
+        # median of the repeats.
+        _, matrix = first.code_matrix()
         warm = {label: [] for label in galleries}
+        bare = []
         for _ in range(FLAGS.repeats):
             code = probe()
             for label, gallery in galleries.items():
                 start = time.perf_counter()
                 gallery.identify(code, FLAGS.top_k)
                 warm[label].append(time.perf_counter() - start)
-        _, matrix = first.code_matrix()
-        bare_probe = probe()
-        bare = float(np.median([best_time(lambda: search(matrix, bare_probe, FLAGS.top_k), 1)[0]
-                                for _ in range(FLAGS.repeats)]))
+            start = time.perf_counter()
+            search(matrix, code, FLAGS.top_k)
+            bare.append(time.perf_counter() - start)
+        bare = float(np.median(bare))
         for label, times in warm.items():
             median = float(np.median(times))
             print(f'{label}: warm identify at N = {n:,}: median {median * 1e3:.1f} ms of '

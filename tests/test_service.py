@@ -251,14 +251,23 @@ def test_rekey_revokes_every_template(svc):
     assert httpx.delete(url + '/v1/subjects/alice', headers=admin).json()['deleted'] == 1
 
 
-class Client:
-    """One load client: owns its subjects, so it knows what every answer about them must be."""
+UNAVAILABLE = 'the gallery database is unreachable: try again shortly'
 
-    def __init__(self, url, idx, photos, admin, client, requests, rng_seed):
-        self.url, self.idx, self.photos = url, idx, photos
+
+class Client:
+    """One load client: owns its subjects, so it knows what every answer about them must be.
+    With several `urls` (service instances on one PostgreSQL gallery) each request goes to one of
+    them at random: an enrolment answered by one is checked on the others' next answers. A 503
+    (database restarting) must say so in one line; an enrolment answered 503 may or may not
+    have been committed (`doubt`), a revoke answered 503 is sent again."""
+
+    def __init__(self, urls, idx, photos, admin, client, requests, rng_seed):
+        self.urls = [urls] if isinstance(urls, str) else urls
+        self.idx, self.photos = idx, photos
         self.admin, self.client = bearer(admin), bearer(client)
         self.requests, self.rng = requests, random.Random(rng_seed)
-        self.enrolled = {}  # name -> number of templates
+        self.enrolled = {}  # name -> number of templates acknowledged
+        self.doubt = {}  # name -> enrolments answered 503 (committed or not)
         self.statuses = []
         self.errors = []
 
@@ -266,42 +275,66 @@ class Client:
         if not ok:
             self.errors.append(what)
 
+    def unavailable(self, r):
+        self.check(r.json() == {'detail': UNAVAILABLE}, ('503', r.text))
+        return True
+
     def run(self, deadline):
         names = [f'c{self.idx:02d}_s{j}' for j in range(len(self.photos))]
-        with httpx.Client(base_url=self.url, timeout=60) as http:
+        https = [httpx.Client(base_url=url, timeout=60) for url in self.urls]
+        try:
             for _ in range(self.requests):
                 if time.time() > deadline:
                     break
                 j = self.rng.randrange(len(names))
                 name, photo = names[j], {'image': ('p.jpg', self.photos[j])}
                 op = self.rng.choices(('enrol', 'verify', 'identify', 'revoke'), (3, 4, 3, 1))[0]
-                if op == 'enrol':
-                    r = http.post(f'/v1/subjects/{name}/templates', files=photo, headers=self.admin)
-                    self.enrolled[name] = self.enrolled.get(name, 0) + (r.status_code == 201)
-                    self.check(r.status_code == 201 and r.json()['templates'] == self.enrolled[name],
-                               (op, name, r.status_code, r.text))
-                elif op == 'verify':
-                    r = http.post('/v1/verify', data={'name': name}, files=photo,
-                                  headers=self.client)
-                    want = 200 if name in self.enrolled else 404
-                    self.check(r.status_code == want and (want == 404 or (
-                        r.json()['distance'] == 0 and r.json()['match'])), (op, name, r.text))
-                elif op == 'identify':
-                    r = http.post('/v1/identify', data={'top_k': '5'}, files=photo,
-                                  headers=self.client)
-                    if name in self.enrolled:
-                        cands = r.json()['candidates'] if r.status_code == 200 else []
-                        exact = [c['name'] for c in cands if c['distance'] == 0]
-                        self.check(name in exact or len(exact) == 5, (op, name, r.text))
-                    else:  # others' subjects may be found, never this one, and 404 only if empty
-                        self.check(r.status_code in (200, 404) and (r.status_code == 404 or all(
-                            c['name'] != name for c in r.json()['candidates'])), (op, name, r.text))
-                else:
-                    r = http.delete(f'/v1/subjects/{name}', headers=self.admin)
-                    want = 200 if name in self.enrolled else 404
-                    self.check(r.status_code == want, (op, name, r.status_code, r.text))
-                    self.enrolled.pop(name, None)
-                self.statuses.append(r.status_code)
+                http = https[0] if len(https) == 1 else self.rng.choice(https)
+                self.statuses.append(self.request(http, op, name, photo).status_code)
+        finally:
+            for http in https:
+                http.close()
+
+    def request(self, http, op, name, photo):
+        doubt = self.doubt.get(name, 0)
+        if op == 'enrol':
+            r = http.post(f'/v1/subjects/{name}/templates', files=photo, headers=self.admin)
+            if r.status_code == 503 and self.unavailable(r):
+                self.doubt[name] = doubt + 1
+                return r
+            self.enrolled[name] = self.enrolled.get(name, 0) + (r.status_code == 201)
+            self.check(r.status_code == 201 and self.enrolled[name] <= r.json()['templates']
+                       <= self.enrolled[name] + doubt, (op, name, r.status_code, r.text))
+        elif op == 'verify':
+            r = http.post('/v1/verify', data={'name': name}, files=photo, headers=self.client)
+            if r.status_code == 503 and self.unavailable(r) or (doubt and r.status_code == 200):
+                return r
+            want = 200 if name in self.enrolled else 404
+            self.check(r.status_code == want and (want == 404 or (
+                r.json()['distance'] == 0 and r.json()['match'])), (op, name, r.text))
+        elif op == 'identify':
+            r = http.post('/v1/identify', data={'top_k': '5'}, files=photo, headers=self.client)
+            if r.status_code == 503 and self.unavailable(r):
+                return r
+            if name in self.enrolled:
+                cands = r.json()['candidates'] if r.status_code == 200 else []
+                exact = [c['name'] for c in cands if c['distance'] == 0]
+                self.check(name in exact or len(exact) == 5, (op, name, r.text))
+            elif not doubt:  # others' subjects may be found, never this one; 404 only if empty
+                self.check(r.status_code in (200, 404) and (r.status_code == 404 or all(
+                    c['name'] != name for c in r.json()['candidates'])), (op, name, r.text))
+        else:
+            for _ in range(100):  # a revoke answered 503 is sent again until it is answered
+                r = http.delete(f'/v1/subjects/{name}', headers=self.admin)
+                if not (r.status_code == 503 and self.unavailable(r)):
+                    break
+                time.sleep(0.1)
+            want = 200 if name in self.enrolled else 404
+            self.check(r.status_code == want or (doubt and r.status_code in (200, 404)),
+                       (op, name, r.status_code, r.text))
+            self.enrolled.pop(name, None)
+            self.doubt.pop(name, None)
+        return r
 
 
 def test_sixteen_clients_1000_mixed_requests(svc):
