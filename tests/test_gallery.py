@@ -252,10 +252,15 @@ def test_postgres_refusals_newer_schema_and_connection_errors(tmp_path, pg_serve
     procs = {why: subprocess.Popen([sys.executable, gallery_py, 'list', '--db', url], env=ENV,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for why, url in bad.items()}
+    # serve.py says the same before loading anything.
+    procs['serve.py: Connection refused'] = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, 'serve.py'), '--db', bad['Connection refused']],
+        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for why, proc in procs.items():
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 2 and err.count('\n') == 1, err
-        assert 'cannot connect to PostgreSQL' in err and why in err and 'Traceback' not in err
+        assert 'cannot connect to PostgreSQL' in err and why.split(': ')[-1] in err
+        assert 'Traceback' not in err
 
 
 def test_corrupted_database_gives_one_clear_error(tmp_path):
