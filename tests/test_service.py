@@ -1,6 +1,7 @@
 """serve.py: tokens and roles, bad input, decisions equal to the gallery's, 16-client load, SIGTERM
 and SIGKILL during load. One server process on 127.0.0.1 serves the module's tests in file order
-(the last one stops it with SIGTERM and restarts it); a tiny seeded model (tests/tiny_iom.py)."""
+(the last one stops it with SIGTERM and restarts it); a tiny seeded model (tests/tiny_iom.py).
+The module runs twice: on an SQLite gallery and on a PostgreSQL one (tests/pg_server.py)."""
 import concurrent.futures
 import io
 import os
@@ -18,6 +19,8 @@ import numpy as np
 import pytest
 
 from modules.gallery import Gallery
+from modules.gallery_store import is_postgres
+from tests.test_gallery import gallery_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='-1')
@@ -85,13 +88,14 @@ def bearer(tok):
     return {'Authorization': f'Bearer {tok}'}
 
 
-@pytest.fixture(scope='module')
-def svc(tmp_path_factory):
+@pytest.fixture(scope='module', params=['sqlite', 'postgres'])
+def svc(tmp_path_factory, request):
     from tests.tiny_iom import make_tiny_model, synthetic_faces
     work = str(tmp_path_factory.mktemp('service'))
     cfg_path = make_tiny_model(work)
     faces, gids = synthetic_faces(40, 2)
-    db = os.path.join(work, 'g.sqlite')
+    db = (os.path.join(work, 'g.sqlite') if request.param == 'sqlite' else
+          request.getfixturevalue('pg_server').create_db('service'))
     # The server creates the gallery; tokens are added while it runs (seen on the next request).
     server = Server(work, db, '--cfg_path', cfg_path, '--threshold', str(THRESHOLD),
                     '--max_pixels', '1000000', '--max_upload_mb', '1')
@@ -138,7 +142,7 @@ def test_tokens_roles_and_revocation(svc):
                          cwd=work, env=ENV, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and out.stderr.startswith("error: no token with id 'abc'")
     # Only digests are stored.
-    data = b''.join(open(p, 'rb').read() for p in (db, db + '-wal') if os.path.exists(p))
+    data = gallery_bytes(db)
     for tok in (svc['admin'], svc['client'], extra):
         assert tok.encode() not in data
 
@@ -416,9 +420,10 @@ def test_sigterm_then_sigkill_during_enrolment_loses_nothing_acknowledged(svc):
     print(f'SIGTERM: {len(acked)} enrolments acknowledged, all present after restart')
     acked, statuses, code = enrol_load(server, svc, 'kill', signal.SIGKILL)
     assert code == -signal.SIGKILL and set(statuses) == {201}
-    conn = sqlite3.connect(svc['db'])
-    assert conn.execute('PRAGMA integrity_check').fetchone() == ('ok',)
-    conn.close()
+    if not is_postgres(svc['db']):
+        conn = sqlite3.connect(svc['db'])
+        assert conn.execute('PRAGMA integrity_check').fetchone() == ('ok',)
+        conn.close()
     gallery = Gallery.open(svc['db'])
     names = {name for name, *_ in gallery.subjects()}
     assert set(acked) <= names
