@@ -277,11 +277,19 @@ class PostgresStore:
         self.conn = None
         self.dbname = None
 
-    def _connection(self):
-        """The open connection, reconnecting after a loss; DatabaseUnavailable when it fails."""
+    def _connection(self, check=False):
+        """The open connection, reconnecting after a loss; DatabaseUnavailable when it fails.
+        With `check`, a connection kept from before is pinged first: one that died with a
+        server restart is replaced instead of failing the caller's transaction."""
         import psycopg
         if self.conn is not None and not self.conn.closed and not self.conn.broken:
-            return self.conn
+            if not check:
+                return self.conn
+            try:
+                self.conn.execute('SELECT 1')
+                return self.conn
+            except psycopg.OperationalError:
+                pass  # gone since its last use (e.g. the server restarted): connect again
         self.close()
         try:
             self.conn = psycopg.connect(self.url, autocommit=True,
@@ -358,7 +366,7 @@ class PostgresStore:
     @contextlib.contextmanager
     def write(self):
         """One write transaction (generation moved, and so row-locked, first)."""
-        conn = self._connection()
+        conn = self._connection(check=True)
         with self.errors(), conn.transaction():
             conn.execute(BUMP_GENERATION)
             yield _PgTx(conn)
@@ -374,22 +382,36 @@ class PostgresStore:
             for row in rows:
                 copy.write_row(row)
 
-    def read(self, sql, args=()):
-        """All rows of one query."""
+    def _retried(self, fn):
+        """fn(connection) of a read; once more on a new connection when the kept one had died
+        (reads can be repeated; a failure on a fresh connection is reported)."""
+        import psycopg
+        fresh = self.conn is None or self.conn.closed or self.conn.broken
         conn = self._connection()
         with self.errors():
-            return conn.execute(_pg_sql(sql), args).fetchall()
+            try:
+                return fn(conn)
+            except psycopg.OperationalError:
+                if fresh:
+                    raise
+            self.close()
+            return fn(self._connection())
+
+    def read(self, sql, args=()):
+        """All rows of one query."""
+        return self._retried(lambda conn: conn.execute(_pg_sql(sql), args).fetchall())
 
     def snapshot(self, *queries):
         """The rows of several queries, all from one consistent snapshot (REPEATABLE READ)."""
-        conn = self._connection()
-        with self.errors(), conn.transaction():
-            conn.execute('SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY')
-            out = []
-            for sql in queries:
-                with conn.cursor(binary=True) as cur:
-                    out.append(cur.execute(_pg_sql(sql)).fetchall())
-            return out
+        def run(conn):
+            with conn.transaction():
+                conn.execute('SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY')
+                out = []
+                for sql in queries:
+                    with conn.cursor(binary=True) as cur:
+                        out.append(cur.execute(_pg_sql(sql)).fetchall())
+                return out
+        return self._retried(run)
 
     def checkpoint(self):
         """Nothing to fold: the server manages its own files."""
