@@ -4,8 +4,8 @@ The database never holds an image or a float embedding: per template only the su
 IoM indices (one uint8 each, `modules.search.pack_codes`), the id of the application key that
 produced them (a hash, never the key), the model fingerprint and timestamps, plus an audit table.
 
-Key modes. `application` (the default): one key for the whole gallery, in a file beside the
-database (`<db>.key`, mode 0600); it is the permutation key of the IoM model's PermLayer: the same
+Key modes. `application` (the default): one key for the whole gallery, in a local file (mode
+0600; see `Storage` below for where); it is the permutation key of the IoM model's PermLayer: the same
 photo hashed under another key gives an unrelated code, so `rekey` (new key, every stored code
 deleted) re-issues every template, and 1:N `identify` works. `subject`: every subject gets a key of
 its own at enrolment, handed to the subject (a file they keep) and never stored: the database holds
