@@ -193,7 +193,7 @@ import numpy as np
 from modules.gallery import Gallery, KeyChanged
 gallery = Gallery.open(sys.argv[1])
 refused, after = 0, 0
-for i in range(3000):  # until 5 enrolments after the 6th rekey
+for i in range(20000):  # until 5 enrolments after the 6th rekey
     name = f'e{sys.argv[2]}_{i:04d}'
     try:  # codes 'made' under the key this process holds, which a rekey elsewhere replaces
         gallery.enroll(name, np.zeros((1, 32), np.uint8), [name])
@@ -210,6 +210,10 @@ _REKEYER = """
 import sys, time
 from modules.gallery import Gallery
 gallery = Gallery.open(sys.argv[1])
+deadline = time.time() + 120
+while time.time() < deadline and gallery._read(  # every enroller is running
+        'SELECT COUNT(DISTINCT substr(name, 1, 2)) FROM templates')[0][0] < 3:
+    time.sleep(0.01)
 for _ in range(6):
     time.sleep(0.05)
     gallery.rekey()
