@@ -6,6 +6,8 @@
                                                                       (exit 0 match, 1 no match)
     gallery.py identify --db gallery.sqlite --image PHOTO [--top_k 5]  (exit 0 match, 1 no match)
     gallery.py enroll_dir | revoke | rekey | list ...
+--db is an SQLite file or a PostgreSQL URL, postgresql://user@host:port/dbname (password from
+~/.pgpass, PGPASSWORD or a service file, never in the URL); docs/deployment.md.
 Errors exit with status 2 and one line on stderr.
 """
 import contextlib
@@ -19,7 +21,10 @@ from modules import gallery as gallery_lib
 from modules.utils import UserError, cli_guard
 
 COMMANDS = ('init', 'enroll', 'enroll_dir', 'verify', 'identify', 'revoke', 'rekey', 'list')
-flags.DEFINE_string('db', None, 'gallery database file (its key file is <db>.key)')
+flags.DEFINE_string('db', None, 'gallery: an SQLite file (key file <db>.key) or '
+                    'postgresql://user@host:port/dbname (key file <dbname>.key beside the config)')
+flags.DEFINE_string('key_file', None, 'application key file (default: <db>.key for SQLite, '
+                    "<dbname>.key in the config's folder for PostgreSQL)")
 flags.DEFINE_string('cfg_path', None, 'init: stage-2 config of the hashing model (later commands '
                     'use the one recorded in the database unless given)')
 flags.DEFINE_string('name', None, 'subject name (enroll, verify, revoke)')
@@ -112,18 +117,19 @@ def main(argv):
     _require(command, 'db')
     if command == 'init':
         _require(command, 'cfg_path')
-        gallery, cfg = init_with_model(FLAGS.db, FLAGS.cfg_path, FLAGS.key_mode)
-        where = (f"key file {FLAGS.db}.key (mode 0600, key id {gallery.meta['key_id']})"
+        gallery, cfg = init_with_model(FLAGS.db, FLAGS.cfg_path, FLAGS.key_mode, FLAGS.key_file)
+        where = (f"key file {gallery.key_file} (mode 0600, key id {gallery.meta['key_id']})"
                  if FLAGS.key_mode == 'application' else
                  'no key: every subject gets its own key file at enrolment (--key_out)')
         print(f"[*] created {FLAGS.db} (m={cfg['m']}, q={cfg['q']}, model "
               f"{gallery.meta['model_fp'][:16]}) and {where}")
     elif command in ('enroll', 'verify'):
         _require(command, 'name', 'image')
-        with contextlib.closing(Gallery.open(FLAGS.db)) as gallery:
+        with contextlib.closing(Gallery.open(FLAGS.db, FLAGS.key_file)) as gallery:
             key = _subject_key(gallery, command)  # before the model is loaded
         gallery, hasher, cfg = open_with_model(FLAGS.db, FLAGS.cfg_path,
-                                               FLAGS.name if command == 'verify' else None)
+                                               FLAGS.name if command == 'verify' else None,
+                                               FLAGS.key_file)
         if command == 'verify':
             threshold, source = _threshold(cfg)
             code = hasher.photo_codes([FLAGS.image], FLAGS.align, key)
@@ -139,7 +145,7 @@ def main(argv):
     elif command == 'enroll_dir':
         _require(command, 'input_dir')
         folders = identity_folders(FLAGS.input_dir)
-        gallery, hasher, cfg = open_with_model(FLAGS.db, FLAGS.cfg_path)
+        gallery, hasher, cfg = open_with_model(FLAGS.db, FLAGS.cfg_path, key_file=FLAGS.key_file)
         from modules.align import load_face
         summary = enroll_folders(gallery, folders, hasher.codes,
                                  lambda p: load_face(p, cfg['input_size'], FLAGS.align),
@@ -154,9 +160,9 @@ def main(argv):
             print(f'    not enrolled: {name} (no usable photo)')
     elif command == 'identify':
         _require(command, 'image')
-        with contextlib.closing(Gallery.open(FLAGS.db)) as gallery:
+        with contextlib.closing(Gallery.open(FLAGS.db, FLAGS.key_file)) as gallery:
             gallery.check_can_identify()  # before the model is loaded
-        gallery, hasher, cfg = open_with_model(FLAGS.db, FLAGS.cfg_path)
+        gallery, hasher, cfg = open_with_model(FLAGS.db, FLAGS.cfg_path, key_file=FLAGS.key_file)
         threshold, source = _threshold(cfg)
         found = gallery.identify(hasher.photo_codes([FLAGS.image], FLAGS.align), FLAGS.top_k)
         print(f'threshold {threshold:g} ({source}); {gallery.count()} templates')
@@ -166,10 +172,10 @@ def main(argv):
         sys.exit(0 if accepts(found[0][1], threshold) else 1)
     elif command == 'revoke':
         _require(command, 'name')
-        deleted = Gallery.open(FLAGS.db).revoke(FLAGS.name)
+        deleted = Gallery.open(FLAGS.db, FLAGS.key_file).revoke(FLAGS.name)
         print(f'[*] revoked {FLAGS.name}: {deleted} template(s) deleted')
     elif command == 'rekey':
-        gallery = Gallery.open(FLAGS.db)
+        gallery = Gallery.open(FLAGS.db, FLAGS.key_file)
         if not gallery.subject_keys:
             from modules.gallery import check_key_change
             from modules.utils import STAGE2_REQUIRED, load_config
@@ -177,10 +183,10 @@ def main(argv):
                                          STAGE2_REQUIRED))
         old = gallery.meta['key_id']
         deleted = gallery.rekey()
-        print(f"[*] new key {gallery.meta['key_id']} (was {old}) in {FLAGS.db}.key; {deleted} "
+        print(f"[*] new key {gallery.meta['key_id']} (was {old}) in {gallery.key_file}; {deleted} "
               'template(s) deleted: every subject must enrol again')
     else:
-        gallery = Gallery.open(FLAGS.db)
+        gallery = Gallery.open(FLAGS.db, FLAGS.key_file)
         print(f"{FLAGS.db}: m={gallery.m} q={gallery.q}, {gallery.meta['key_mode']} key(s), key id "
               f"{gallery.meta['key_id']}, model "
               f"{gallery.meta['model_fp'][:16]}, {gallery.count()} templates")

@@ -3,7 +3,9 @@
     serve.py --cfg_path CFG --db gallery.sqlite [--host 127.0.0.1] [--port 8000]
     serve.py token add --role admin|client --db gallery.sqlite   (prints the new token once)
     serve.py token list | revoke --id ID --db gallery.sqlite
-The gallery is created (as `gallery.py init` does) when --db does not exist yet. SIGTERM or
+The gallery is created (as `gallery.py init` does) when --db does not exist yet. --db is an SQLite
+file or postgresql://user@host:port/dbname (several instances may share one PostgreSQL gallery;
+docs/deployment.md). SIGTERM or
 Ctrl-C: requests in flight are finished, then the server exits 0.
 Errors exit with status 2 and one line on stderr.
 """
@@ -15,7 +17,10 @@ from absl import app, flags
 from modules import gallery as gallery_lib
 from modules.utils import UserError, cli_guard
 
-flags.DEFINE_string('db', None, 'gallery database file (its key file is <db>.key)')
+flags.DEFINE_string('db', None, 'gallery: an SQLite file (key file <db>.key) or '
+                    'postgresql://user@host:port/dbname (key file <dbname>.key beside the config)')
+flags.DEFINE_string('key_file', None, 'application key file (default: <db>.key for SQLite, '
+                    "<dbname>.key in the config's folder for PostgreSQL)")
 flags.DEFINE_string('cfg_path', None, 'stage-2 config of the hashing model (default: the one '
                     'recorded in the gallery; needed to create a new gallery)')
 flags.DEFINE_string('host', '127.0.0.1', 'address to bind (loopback: put a TLS proxy in front '
@@ -47,7 +52,7 @@ def _token(argv):
         raise UserError('give one token command: add, list, revoke')
     if FLAGS.db is None:
         raise UserError(f'token {argv[2]} needs --db')
-    gallery = Gallery.open(FLAGS.db)
+    gallery = Gallery.open(FLAGS.db, FLAGS.key_file)
     if argv[2] == 'add':
         if FLAGS.role is None:
             raise UserError('token add needs --role admin or --role client')
@@ -68,23 +73,27 @@ def _token(argv):
 
 
 def _serve():
-    import os
-
     import uvicorn
 
-    from modules.gallery import decision_threshold, init_with_model, open_with_model
+    from modules.gallery import (
+        decision_threshold,
+        gallery_exists,
+        init_with_model,
+        open_with_model,
+    )
     from modules.service import Settings, create_app
     if FLAGS.db is None:
         raise UserError('serve.py needs --db (a gallery database, created when missing)')
-    if not os.path.exists(FLAGS.db):
+    if not gallery_exists(FLAGS.db):
         if FLAGS.cfg_path is None:
             raise UserError(f'{FLAGS.db} does not exist: give --cfg_path to create it')
-        gallery, _ = init_with_model(FLAGS.db, FLAGS.cfg_path, FLAGS.key_mode)
+        gallery, _ = init_with_model(FLAGS.db, FLAGS.cfg_path, FLAGS.key_mode,
+                                     key_file=FLAGS.key_file)
         print(f'[*] created {FLAGS.db} ' + (
-            f"and key file {FLAGS.db}.key (key id {gallery.meta['key_id']})"
+            f"and key file {gallery.key_file} (key id {gallery.meta['key_id']})"
             if not gallery.subject_keys else '(subject keys: no key file)'))
         gallery.close()
-    gallery, hasher, cfg = open_with_model(FLAGS.db, FLAGS.cfg_path)
+    gallery, hasher, cfg = open_with_model(FLAGS.db, FLAGS.cfg_path, key_file=FLAGS.key_file)
     threshold, source = decision_threshold(cfg, FLAGS.threshold, FLAGS.far)
     settings = Settings(threshold=threshold, threshold_source=source,
                         max_upload_bytes=int(FLAGS.max_upload_mb * 2 ** 20),

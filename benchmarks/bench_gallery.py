@@ -1,14 +1,14 @@
 """Benchmark the gallery at scale: bulk enrolment rate, identify latency, DB size; revocability.
 
 Run: .venv/bin/python benchmarks/bench_gallery.py [--num_codes 1000000 --m 512 --q 8]
-     [--revocability_cfg configs/quickstart_stage2.yaml]
+     [--db postgresql://user@host:port/dbname] [--revocability_cfg configs/quickstart_stage2.yaml]
 
 1. `--num_codes` random codes (one subject each) go through `Gallery.enroll_bulk`, `--batch` per
-   transaction: codes/s.
-2. `identify` on a freshly opened gallery: cold (first call, reads the code matrix from SQLite)
-   and warm (best of `--repeats`, the cached matrix), against `modules.search.search` on the
-   same codes as an in-memory array in the same run.
-3. DB file size per template (after a WAL checkpoint).
+   transaction (COPY on PostgreSQL): codes/s. SQLite always; PostgreSQL too with --db.
+2. `identify` on a freshly opened gallery: cold (first call, reads the code matrix from the
+   database) and warm (the cached matrix; the backends interleaved, median of `--repeats`),
+   against `modules.search.search` on the same codes as an in-memory array in the same run.
+3. DB size per template (SQLite after a WAL checkpoint; PostgreSQL tables and indexes).
 4. With --revocability_cfg: faces hashed under a gallery's key, the gallery re-keyed, the same
    faces hashed again: Hamming distance between each face's old and new code, against the
    model's decision threshold and its genuine / impostor distances under one key.
@@ -23,7 +23,8 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from modules.gallery import Gallery  # noqa: E402
+from modules.gallery import Gallery, gallery_exists  # noqa: E402
+from modules.gallery_store import TABLES, PostgresStore, is_postgres, open_store  # noqa: E402
 from modules.search import search  # noqa: E402
 from modules.utils import STAGE2_REQUIRED, UserError, cli_guard, load_config  # noqa: E402
 
@@ -34,27 +35,20 @@ flags.DEFINE_integer('q', 8, 'indices per group')
 flags.DEFINE_integer('batch', 50_000, 'codes per bulk transaction')
 flags.DEFINE_integer('top_k', 5, 'identify: top-k')
 flags.DEFINE_integer('repeats', 5, 'warm identify / bare search timings (best is reported)')
+flags.DEFINE_string('db', None, 'also run on this PostgreSQL database (postgresql://user@host:'
+                    'port/dbname, empty; its tables are dropped at the end) against SQLite')
 flags.DEFINE_string('work_dir', None, 'where the benchmark database goes (default: a temp dir)')
 flags.DEFINE_string('revocability_cfg', None, 'stage-2 config of a trained model: measure '
                     'revocability on synthetic faces')
 flags.DEFINE_integer('num_faces', 200, 'revocability: faces (100 identities x 2)')
 
 
-def best_time(fn, repeats):
-    """(smallest wall time, last result) of `repeats` calls of fn()."""
-    best, out = float('inf'), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
-
-
-def scale(work):
-    """Bulk enrol, identify cold/warm vs bare search, DB size."""
+def enrol(db, work, label):
+    """A new gallery at `db` with --num_codes random codes (bulk transactions); its path."""
     n, m, q = FLAGS.num_codes, FLAGS.m, FLAGS.q
-    db = os.path.join(work, 'bench.sqlite')
-    gallery = Gallery.create(db, 'bench.yaml', m, q, '0' * 64)
+    key_file = os.path.join(work, f'{label}.key')
+    gallery = Gallery.create(db, os.path.join(work, 'bench.yaml'), m, q, '0' * 64,
+                             key_file=key_file)
     rng = np.random.default_rng(0)
     start = time.perf_counter()
     for begin in range(0, n, FLAGS.batch):
@@ -62,39 +56,101 @@ def scale(work):
         codes = rng.integers(0, q, (count, m), dtype=np.uint8)
         gallery.enroll_bulk([f'subject{i:07d}' for i in range(begin, begin + count)], codes)
     enrol_s = time.perf_counter() - start
-    print(f'bulk enrolment: {n:,} codes (m={m}, q={q}) in {enrol_s:.1f} s = '
-          f'{n / enrol_s:,.0f} codes/s ({FLAGS.batch:,} per transaction)')
+    how = 'COPY' if isinstance(gallery.store, PostgresStore) else 'executemany'
+    print(f'{label}: bulk enrolment of {n:,} codes (m={m}, q={q}) in {enrol_s:.1f} s = '
+          f'{n / enrol_s:,.0f} codes/s ({FLAGS.batch:,} per transaction, {how})')
     gallery.close()
+    return key_file
 
-    gallery = Gallery.open(db)
-    target = n // 3
-    probe_rng = np.random.default_rng(1)
 
-    def probe():
-        code = gallery.templates_of(f'subject{target:07d}').copy()
-        flip = probe_rng.random(m) < 0.2
-        code[0, flip] = probe_rng.integers(0, q, flip.sum())
-        return code
+def db_size(gallery):
+    """Bytes the gallery occupies (SQLite file after a WAL checkpoint; PostgreSQL tables with
+    their indexes and TOAST)."""
+    if isinstance(gallery.store, PostgresStore):
+        return sum(gallery._read('SELECT pg_total_relation_size(CAST(? AS regclass))', (t,))[0][0]
+                   for t in TABLES)
+    gallery.store.checkpoint()
+    return os.path.getsize(gallery.db_path)
 
-    first = probe()
-    start = time.perf_counter()
-    found = gallery.identify(first, FLAGS.top_k)
-    cold = time.perf_counter() - start
-    if found[0][0] != f'subject{target:07d}':
-        raise AssertionError(f'identify found {found[0]}, expected subject{target:07d}')
-    probes = [probe() for _ in range(FLAGS.repeats)]
-    warm, _ = best_time(lambda: gallery.identify(probes.pop(), FLAGS.top_k), FLAGS.repeats)
-    _, matrix = gallery.code_matrix()
-    bare_probe = probe()
-    bare, _ = best_time(lambda: search(matrix, bare_probe, FLAGS.top_k), FLAGS.repeats)
-    print(f'identify at N = {n:,}: cold {cold * 1e3:.0f} ms (reads the code matrix), warm '
-          f'{warm * 1e3:.1f} ms; bare modules.search on the in-memory array {bare * 1e3:.1f} ms '
-          f'(warm / bare = {warm / bare:.2f})')
-    gallery.conn.execute('PRAGMA wal_checkpoint(TRUNCATE)')
-    size = os.path.getsize(db)
-    print(f'DB size: {size / 1e6:,.1f} MB = {size / n:.0f} bytes per template ({m} bytes of '
-          'codes + name, key id, model fingerprint, timestamps, audit row)')
-    gallery.close()
+
+def scale(work):
+    """Bulk enrol, identify cold and warm (SQLite, and PostgreSQL with --db, interleaved) vs
+    bare search, DB size."""
+    n, m, q = FLAGS.num_codes, FLAGS.m, FLAGS.q
+    dbs = {'sqlite': os.path.join(work, 'bench.sqlite')}
+    if FLAGS.db is not None:
+        if not is_postgres(FLAGS.db):
+            raise UserError('--db: give a postgresql:// URL (SQLite always runs in --work_dir)')
+        if gallery_exists(FLAGS.db):
+            raise UserError(f'{FLAGS.db} already holds a gallery: give an empty database (the '
+                            'benchmark drops its tables at the end)')
+        dbs['postgresql'] = FLAGS.db
+    galleries = {}
+    try:
+        for label, db in dbs.items():
+            key_file = enrol(db, work, label)
+            galleries[label] = Gallery.open(db, key_file)
+        target = n // 3
+        probe_rng = np.random.default_rng(1)
+        first = next(iter(galleries.values()))
+
+        def probe():
+            code = first.templates_of(f'subject{target:07d}').copy()
+            flip = probe_rng.random(m) < 0.2
+            code[0, flip] = probe_rng.integers(0, q, flip.sum())
+            return code
+
+        for label, gallery in galleries.items():
+            start = time.perf_counter()
+            found = gallery.identify(probe(), FLAGS.top_k)
+            cold = time.perf_counter() - start
+            if found[0][0] != f'subject{target:07d}':
+                raise AssertionError(f'{label}: identify found {found[0]}, expected '
+                                     f'subject{target:07d}')
+            print(f'{label}: cold identify at N = {n:,}: {cold:.2f} s (reads the code matrix '
+                  'into memory)')
+        # Warm identify, the backends and the bare search interleaved on the same probes:
+        # median of the repeats.
+        _, matrix = first.code_matrix()
+        warm = {label: [] for label in galleries}
+        bare = []
+        for _ in range(FLAGS.repeats):
+            code = probe()
+            for label, gallery in galleries.items():
+                start = time.perf_counter()
+                gallery.identify(code, FLAGS.top_k)
+                warm[label].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            search(matrix, code, FLAGS.top_k)
+            bare.append(time.perf_counter() - start)
+        bare = float(np.median(bare))
+        for label, times in warm.items():
+            median = float(np.median(times))
+            print(f'{label}: warm identify at N = {n:,}: median {median * 1e3:.1f} ms of '
+                  f'{FLAGS.repeats}; bare modules.search on the in-memory array '
+                  f'{bare * 1e3:.1f} ms (warm / bare = {median / bare:.2f})')
+        if 'postgresql' in warm:
+            ratio = float(np.median(warm['postgresql']) / np.median(warm['sqlite']))
+            print(f'warm identify postgresql / sqlite = {ratio:.2f}')
+        for label, gallery in galleries.items():
+            size = db_size(gallery)
+            print(f'{label}: DB size {size / 1e6:,.1f} MB = {size / n:.0f} bytes per template '
+                  f'({m} bytes of codes + name, key id, model fingerprint, timestamps, audit row)')
+    finally:
+        for gallery in galleries.values():
+            gallery.close()
+        if 'postgresql' in dbs:
+            drop_tables(dbs['postgresql'])
+
+
+def drop_tables(db):
+    """Remove the benchmark's gallery from the PostgreSQL database."""
+    store = open_store(db)
+    try:
+        with store.write() as tx:
+            tx.execute(f"DROP TABLE IF EXISTS {', '.join(TABLES)}")
+    finally:
+        store.close()
 
 
 def revocability(work, cfg_path):

@@ -1,11 +1,11 @@
-"""Protected-template gallery: enrol, verify, identify, revoke and re-key IoM hash codes in SQLite.
+"""Protected-template gallery: enrol, verify, identify, revoke and re-key IoM hash codes.
 
 The database never holds an image or a float embedding: per template only the subject name, the m
 IoM indices (one uint8 each, `modules.search.pack_codes`), the id of the application key that
 produced them (a hash, never the key), the model fingerprint and timestamps, plus an audit table.
 
-Key modes. `application` (the default): one key for the whole gallery, in a file beside the
-database (`<db>.key`, mode 0600); it is the permutation key of the IoM model's PermLayer: the same
+Key modes. `application` (the default): one key for the whole gallery, in a local file (mode
+0600; see `Storage` below for where); it is the permutation key of the IoM model's PermLayer: the same
 photo hashed under another key gives an unrelated code, so `rekey` (new key, every stored code
 deleted) re-issues every template, and 1:N `identify` works. `subject`: every subject gets a key of
 its own at enrolment, handed to the subject (a file they keep) and never stored: the database holds
@@ -14,10 +14,14 @@ subject's key; `identify` is not possible (it would need one key shared by all t
 revoking and enrolling again issues a new key. What each mode protects against which attacker is
 measured in docs/protection.md.
 
-Storage (this part needs no TensorFlow): WAL journal, every change in one `BEGIN IMMEDIATE`
-transaction, so concurrent writers queue on SQLite's lock and a killed process leaves either a
-whole enrolment or none. A `generation` counter in the meta table changes with every write; the
-in-memory code matrix used by `identify` is rebuilt only when it has moved.
+Storage (this part needs no TensorFlow): an SQLite file or a PostgreSQL database
+(`modules.gallery_store`, same tables and rules). Every change is one transaction, so concurrent
+writers queue and a killed process leaves either a whole enrolment or none. A `generation` counter
+in the meta table changes with every write; the in-memory code matrix used by `identify` is
+rebuilt only when it has moved, so a process sees what other processes committed on its next
+call. The application key file is `<db>.key` beside an SQLite file; for PostgreSQL it is
+`<dbname>.key` beside the configuration file unless `key_file` says otherwise: never in the
+database.
 """
 import contextlib
 import glob
@@ -26,12 +30,17 @@ import hmac
 import json
 import os
 import secrets
-import sqlite3
 import stat
 import time
 
 import numpy as np
 
+from modules.gallery_store import (
+    SCHEMA_VERSION,
+    DatabaseUnavailable,  # noqa: F401  (re-exported: the service answers it with 503)
+    check_schema_version,
+    open_store,
+)
 from modules.search import pack_codes, search
 from modules.utils import UserError, atomic_output, log_dir
 
@@ -41,28 +50,8 @@ SUBJECT_KEY_ID = 'per-subject'  # meta key_id of a subject-key gallery
 KEY_SUFFIX = '.key'
 PENDING_SUFFIX = '.new'
 _KEY_BITS = 128
-_BUSY_TIMEOUT_S = 120.0
 _MAX_NAME = 200
 RESULTS_NAME = 'iom_Hamming_results.json'
-
-_SCHEMA = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE templates (
-    id INTEGER PRIMARY KEY,
-    name TEXT NOT NULL,
-    codes BLOB NOT NULL,
-    key_id TEXT NOT NULL,
-    model_fp TEXT NOT NULL,
-    source TEXT NOT NULL,
-    created REAL NOT NULL);
-CREATE INDEX templates_name ON templates (name);
-CREATE TABLE audit (
-    id INTEGER PRIMARY KEY,
-    time REAL NOT NULL,
-    event TEXT NOT NULL CHECK (event IN ('init', 'enroll', 'revoke', 'rekey')),
-    name TEXT,
-    detail TEXT NOT NULL);
-"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,28 +166,13 @@ def check_key_change(cfg):
 
 
 # ---------------------------------------------------------------------------------------------
-# The database.
-@contextlib.contextmanager
-def _db_errors(db_path):
-    """Turn SQLite failures into one UserError naming the database file."""
-    try:
-        yield
-    except sqlite3.DatabaseError as err:
-        raise UserError(f'{db_path}: not a usable gallery database ({err}); restore it from a '
-                        'backup or start again with `gallery.py init`') from None
-
-
-def _connect(db_path):
-    conn = sqlite3.connect(db_path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
-    # WAL mode is set once by `create` (it persists in the file). With WAL, synchronous=NORMAL
-    # keeps every committed transaction through a process crash (SIGKILL); only a power cut may
-    # lose the last ones, never consistency.
-    conn.execute('PRAGMA synchronous=NORMAL')
-    return conn
-
-
+# The database (rows kept by a store of modules.gallery_store: an SQLite file or PostgreSQL).
 class NotEnrolled(UserError):
     """A subject name with no template in the gallery (the service answers 404)."""
+
+
+class KeyChanged(UserError):
+    """Codes made under a key the gallery no longer has (another process re-keyed it)."""
 
 
 def check_name(name):
@@ -210,89 +184,126 @@ def check_name(name):
     return name
 
 
-class Gallery:
-    """An open gallery database with its application key; see the module docstring."""
+def gallery_exists(db_path):
+    """True when `db_path` (a file or a postgresql:// URL) already holds a gallery."""
+    store = open_store(db_path)
+    try:
+        with store.errors():
+            return store.exists()
+    finally:
+        store.close()
 
-    def __init__(self, db_path, conn, meta, key):
-        self.db_path = db_path
-        self.conn = conn
+
+_TEMPLATE_COLUMNS = ('name', 'codes', 'key_id', 'model_fp', 'source', 'created')
+_AUDIT_COLUMNS = ('time', 'event', 'name', 'detail')
+_INSERT_AUDIT = 'INSERT INTO audit (time, event, name, detail) VALUES (?, ?, ?, ?)'
+
+
+def _finish_rekey(pending, kpath, new):
+    """Move the new key file into place; another process that opened the gallery after the
+    commit may have moved it already."""
+    try:
+        os.replace(pending, kpath)
+    except FileNotFoundError:
+        if read_key(kpath) != new:
+            raise UserError(f'{kpath}: the new key file {pending} vanished during rekey') from None
+
+
+class Gallery:
+    """An open gallery with its application key; see the module docstring."""
+
+    def __init__(self, store, meta, key, key_file):
+        self.store = store
+        self.db_path = store.where
         self.meta = meta
         self.key = key
+        self.key_file = key_file
         self.m = int(meta['m'])
         self.q = int(meta['q'])
         self._cache = None
 
     # -- opening ------------------------------------------------------------------------------
     @staticmethod
-    def check_new(db_path):
-        """UserError when the database or its key file already exists."""
-        for path in (db_path, key_path(db_path)):
-            if os.path.lexists(path):
-                raise UserError(f'{path} already exists: a gallery is initialised only once '
-                                '(use `rekey` to change the key)')
+    def check_new(db_path, key_file=None, cfg_path=None):
+        """UserError when the database (or, in application-key mode, its key file) exists."""
+        store = open_store(db_path)
+        try:
+            with store.errors():
+                paths = [db_path] if store.exists() else []
+                kpath = key_file or store.default_key_file(cfg_path or '.')
+        finally:
+            store.close()
+        paths += [kpath] if os.path.lexists(kpath) else []
+        if paths:
+            raise UserError(f'{paths[0]} already exists: a gallery is initialised only once '
+                            '(use `rekey` to change the key)')
 
     @classmethod
-    def create(cls, db_path, cfg_path, m, q, model_fp, key_mode='application'):
-        """A new database (and, in application-key mode, its key file); refused when either exists."""
+    def create(cls, db_path, cfg_path, m, q, model_fp, key_mode='application', key_file=None):
+        """A new gallery (and, in application-key mode, its key file); refused when either exists."""
         if key_mode not in KEY_MODES:
             raise UserError(f"key mode {key_mode!r}: use one of {', '.join(KEY_MODES)}")
-        cls.check_new(db_path)
-        kpath = key_path(db_path)
-        os.makedirs(os.path.dirname(os.path.abspath(db_path)), exist_ok=True)
-        key = new_key() if key_mode == 'application' else None
-        meta = {'format': FORMAT, 'cfg_path': os.path.abspath(cfg_path), 'm': str(int(m)),
-                'q': str(int(q)), 'model_fp': model_fp, 'key_mode': key_mode,
-                'key_id': SUBJECT_KEY_ID if key is None else key_id(key),
-                'created': f'{time.time():.3f}', 'generation': '0'}
-        tmp = f'{db_path}.{secrets.token_hex(4)}.init'
+        store = open_store(db_path)
         try:
-            with _db_errors(tmp), contextlib.closing(sqlite3.connect(tmp)) as conn:
-                conn.execute('PRAGMA journal_mode=WAL')
-                conn.executescript(_SCHEMA)
-                conn.executemany('INSERT INTO meta VALUES (?, ?)', sorted(meta.items()))
-                conn.execute('INSERT INTO audit (time, event, name, detail) VALUES (?, ?, ?, ?)',
-                             (time.time(), 'init', None, f"{key_mode} key {meta['key_id']}, "
-                              f'model {model_fp[:16]}, m={m}, q={q}'))
-                conn.commit()
-            if key is not None:
-                write_key(kpath, key)
-            os.rename(tmp, db_path)  # the database appears only once complete, with its key
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp)
-            raise
-        return cls.open(db_path)
+            with store.errors():
+                if store.exists():
+                    raise UserError(f'{db_path} already exists: a gallery is initialised only '
+                                    'once (use `rekey` to change the key)')
+                kpath = os.path.abspath(key_file or store.default_key_file(cfg_path))
+            if key_mode == 'application' and os.path.lexists(kpath):
+                raise UserError(f'{kpath} already exists: a gallery is initialised only once '
+                                '(use `rekey` to change the key)')
+            key = new_key() if key_mode == 'application' else None
+            meta = {'format': FORMAT, 'schema_version': str(SCHEMA_VERSION),
+                    'cfg_path': os.path.abspath(cfg_path), 'm': str(int(m)), 'q': str(int(q)),
+                    'model_fp': model_fp, 'key_mode': key_mode,
+                    'key_id': SUBJECT_KEY_ID if key is None else key_id(key),
+                    'created': f'{time.time():.3f}', 'generation': '0'}
+            audit = (time.time(), 'init', None, f"{key_mode} key {meta['key_id']}, model "
+                     f'{model_fp[:16]}, m={m}, q={q}')
+            written = []
+
+            def write_key_file():
+                if key is not None:
+                    os.makedirs(os.path.dirname(kpath), exist_ok=True)
+                    write_key(kpath, key)
+                    written.append(kpath)
+            try:
+                store.create(sorted(meta.items()), audit, write_key_file)
+            except BaseException:
+                for path in written:  # no key file for a gallery that was not made
+                    os.remove(path)
+                raise
+        finally:
+            store.close()
+        return cls.open(db_path, key_file)
 
     @classmethod
-    def open(cls, db_path):
-        """Open an existing database and check its key file; one UserError for anything wrong."""
-        if not os.path.isfile(db_path):
-            raise UserError(f'{db_path}: gallery database not found (create it with '
-                            '`gallery.py init`)')
-        with _db_errors(db_path):
-            conn = _connect(db_path)
-            try:
-                tables = {r[0] for r in conn.execute(
-                    "SELECT name FROM sqlite_master WHERE type = 'table'")}
-                if not {'meta', 'templates', 'audit'} <= tables:
-                    raise UserError(f'{db_path}: not a gallery database (tables missing)')
-                meta = dict(conn.execute('SELECT key, value FROM meta'))
-            except BaseException:
-                conn.close()
-                raise
-        if meta.get('format') != FORMAT:
-            conn.close()
-            raise UserError(f"{db_path}: unknown gallery format {meta.get('format')!r} "
-                            f'(expected {FORMAT})')
-        # Galleries made before key modes existed have no key_mode row: application keys.
-        meta.setdefault('key_mode', 'application')
-        key = (cls._matching_key(db_path, meta['key_id']) if meta['key_mode'] == 'application'
-               else None)
-        return cls(db_path, conn, meta, key)
+    def open(cls, db_path, key_file=None):
+        """Open an existing gallery and check its key file; one UserError for anything wrong."""
+        store = open_store(db_path)
+        try:
+            meta = store.open()
+            if meta.get('format') != FORMAT:
+                raise UserError(f"{db_path}: unknown gallery format {meta.get('format')!r} "
+                                f'(expected {FORMAT})')
+            check_schema_version(db_path, meta)
+            # Galleries made before key modes existed have no key_mode row: application keys.
+            meta.setdefault('key_mode', 'application')
+            kpath = key_file or store.default_key_file(meta.get('cfg_path', '.'))
+            key = (cls._matching_key(db_path, kpath, meta['key_id'])
+                   if meta['key_mode'] == 'application' else None)
+        except BaseException:
+            store.close()
+            raise
+        return cls(store, meta, key, kpath)
+
+    def reopen(self):
+        """Another handle on the same gallery and key file (a connection for another thread)."""
+        return type(self).open(self.db_path, self.key_file)
 
     @staticmethod
-    def _matching_key(db_path, expected_id):
-        kpath = key_path(db_path)
+    def _matching_key(db_path, kpath, expected_id):
         pending = kpath + PENDING_SUFFIX
         key = read_key(kpath)
         if key_id(key) == expected_id:
@@ -300,34 +311,51 @@ class Gallery:
         # A rekey writes the new key to <key>.new, commits the database, then renames the file:
         # finish a rekey that was interrupted between the last two steps.
         if os.path.isfile(pending):
-            new = read_key(pending)
-            if key_id(new) == expected_id:
-                os.replace(pending, kpath)
-                return new
+            with contextlib.suppress(UserError):  # another process may move it meanwhile
+                new = read_key(pending)
+                if key_id(new) == expected_id:
+                    _finish_rekey(pending, kpath, new)
+                    return new
+        key = read_key(kpath)  # a rekey in another process may have just moved it into place
+        if key_id(key) == expected_id:
+            return key
         raise UserError(f'{kpath}: key id {key_id(key)} is not the key of {db_path} (key id '
                         f'{expected_id}); use the key file made with this database')
 
     def close(self):
         """Close the connection."""
-        self.conn.close()
+        self.store.close()
 
-    @contextlib.contextmanager
+    def refresh(self):
+        """Catch up with other processes: the generation and, after a rekey elsewhere, the new
+        application key (read from the key file). Returns the generation."""
+        for attempt in range(3):
+            rows = dict(self._read("SELECT key, value FROM meta WHERE key IN ('generation', "
+                                   "'key_id')"))
+            if rows['key_id'] == self.meta['key_id'] or self.subject_keys:
+                return rows['generation']
+            try:
+                self.key = self._matching_key(self.db_path, self.key_file, rows['key_id'])
+            except UserError:
+                if attempt == 2:
+                    raise
+                continue  # re-keyed once more meanwhile: the key file is newer than what we read
+            self.meta['key_id'] = rows['key_id']
+            return rows['generation']
+
     def _write(self):
         """One write transaction that also moves the generation counter."""
-        with _db_errors(self.db_path):
-            self.conn.execute('BEGIN IMMEDIATE')
-            try:
-                yield self.conn
-                self.conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 "
-                                  "WHERE key = 'generation'")
-                self.conn.execute('COMMIT')
-            except BaseException:
-                self.conn.execute('ROLLBACK')
-                raise
+        return self.store.write()
 
     def _read(self, sql, args=()):
-        with _db_errors(self.db_path):
-            return self.conn.execute(sql, args).fetchall()
+        return self.store.read(sql, args)
+
+    def _check_key_inside(self, conn, kid):
+        """Inside a write transaction (writers serialised): refuse codes of a replaced key."""
+        stored = conn.execute("SELECT value FROM meta WHERE key = 'key_id'").fetchone()[0]
+        if stored != kid:
+            raise KeyChanged(f'{self.db_path} was re-keyed (key id {stored}) after these codes '
+                             f'were made under key {kid}: hash the photos again')
 
     # -- checks -------------------------------------------------------------------------------
     def check_model(self, model_fp, m, q):
@@ -382,14 +410,17 @@ class Gallery:
         return [(name, row.tobytes(), kid, fp, src, now)
                 for name, row, src in zip(names, packed, sources)]
 
-    def enroll(self, name, codes, sources, only_new=False, subject_key=None):
+    def enroll(self, name, codes, sources, only_new=False, subject_key=None, made_under=None):
         """Add the templates (rows of `codes`) of one subject in one transaction.
 
         With only_new, nothing is written when the subject is already enrolled (checked inside
         the transaction, so concurrent enrolments of one subject add it once). In subject-key
         mode `subject_key` is the key the codes were made with: only its id is stored, and a
-        subject already enrolled must come with the same key. Returns the number of templates
-        added.
+        subject already enrolled must come with the same key. In application-key mode
+        `made_under` is the id of the key the codes were made with (default: the key this
+        process holds): checked inside the transaction, so a rekey by another process in the
+        meantime refuses them (KeyChanged) rather than leave codes of two keys. Returns the
+        number of templates added.
         """
         check_name(name)
         codes = np.atleast_2d(codes)
@@ -403,6 +434,8 @@ class Gallery:
         now = time.time()
         rows = self._rows([name] * len(codes), codes, sources, now, kid)
         with self._write() as conn:
+            if kid is None:
+                self._check_key_inside(conn, made_under or self.meta['key_id'])
             held = conn.execute('SELECT key_id FROM templates WHERE name = ? LIMIT 1',
                                 (name,)).fetchone()
             if only_new and held:
@@ -413,8 +446,7 @@ class Gallery:
                                 'new key')
             conn.executemany('INSERT INTO templates (name, codes, key_id, model_fp, source, '
                              'created) VALUES (?, ?, ?, ?, ?, ?)', rows)
-            conn.execute('INSERT INTO audit (time, event, name, detail) VALUES (?, ?, ?, ?)',
-                         (now, 'enroll', name, f'{len(rows)} template(s) from '
+            conn.execute(_INSERT_AUDIT, (now, 'enroll', name, f'{len(rows)} template(s) from '
                           + ', '.join(sorted(set(sources)))[:500]))
         return len(rows)
 
@@ -430,10 +462,12 @@ class Gallery:
         now = time.time()
         rows = self._rows(names, codes, [source] * len(names), now)
         with self._write() as conn:
-            conn.executemany('INSERT INTO templates (name, codes, key_id, model_fp, source, '
-                             'created) VALUES (?, ?, ?, ?, ?, ?)', rows)
-            conn.executemany('INSERT INTO audit (time, event, name, detail) VALUES (?, ?, ?, ?)',
-                             ((now, 'enroll', name, f'1 template from {source}') for name in names))
+            self._check_key_inside(conn, self.meta['key_id'])
+            # COPY on PostgreSQL: row-by-row inserts would be the bottleneck of a large import.
+            self.store.copy_rows(conn, 'templates', _TEMPLATE_COLUMNS, rows)
+            self.store.copy_rows(conn, 'audit', _AUDIT_COLUMNS,
+                                 ((now, 'enroll', name, f'1 template from {source}')
+                                  for name in names))
         return len(rows)
 
     def revoke(self, name):
@@ -442,25 +476,24 @@ class Gallery:
             deleted = conn.execute('DELETE FROM templates WHERE name = ?', (name,)).rowcount
             if not deleted:
                 raise NotEnrolled(f'{name!r} is not enrolled in {self.db_path}')
-            conn.execute('INSERT INTO audit (time, event, name, detail) VALUES (?, ?, ?, ?)',
-                         (time.time(), 'revoke', name, f'{deleted} template(s) deleted'))
+            conn.execute(_INSERT_AUDIT, (time.time(), 'revoke', name, f'{deleted} template(s) deleted'))
         return deleted
 
     def rekey(self):
         """New application key: every stored template is deleted (subjects must re-enrol)."""
         self.check_can_rekey()
         new = new_key()
-        kpath = key_path(self.db_path)
-        pending = kpath + PENDING_SUFFIX
+        pending = self.key_file + PENDING_SUFFIX
         write_key(pending, new)
-        old_id, new_id = self.meta['key_id'], key_id(new)
+        new_id = key_id(new)
         with self._write() as conn:
+            # The key id inside the transaction: another process may have re-keyed since.
+            old_id = conn.execute("SELECT value FROM meta WHERE key = 'key_id'").fetchone()[0]
             deleted = conn.execute('DELETE FROM templates').rowcount
             conn.execute("UPDATE meta SET value = ? WHERE key = 'key_id'", (new_id,))
-            conn.execute('INSERT INTO audit (time, event, name, detail) VALUES (?, ?, ?, ?)',
-                         (time.time(), 'rekey', None,
+            conn.execute(_INSERT_AUDIT, (time.time(), 'rekey', None,
                           f'key {old_id} -> {new_id}, {deleted} template(s) deleted'))
-        os.replace(pending, kpath)
+        _finish_rekey(pending, self.key_file, new)
         self.meta['key_id'], self.key = new_id, new
         return deleted
 
@@ -497,22 +530,14 @@ class Gallery:
 
     def code_matrix(self):
         """(template ids, uint8 codes (N, m)) of the whole gallery, cached until the DB changes."""
-        generation = self._read("SELECT value FROM meta WHERE key = 'generation'")[0][0]
+        generation = self.refresh()
         if self._cache is None or self._cache[0] != generation:
-            with _db_errors(self.db_path):
-                # One read transaction: ids and codes are from the same snapshot.
-                self.conn.execute('BEGIN')
-                try:
-                    generation = self.conn.execute(
-                        "SELECT value FROM meta WHERE key = 'generation'").fetchone()[0]
-                    rows = self.conn.execute('SELECT id, codes FROM templates ORDER BY id')
-                    ids, blobs = [], []
-                    for tid, blob in rows:
-                        ids.append(tid)
-                        blobs.append(blob)
-                finally:
-                    self.conn.execute('COMMIT')
-            self._cache = (generation, np.asarray(ids, np.int64), self._decode(b''.join(blobs)))
+            # One snapshot: ids and codes are from the same generation.
+            (gen_row,), rows = self.store.snapshot(
+                "SELECT value FROM meta WHERE key = 'generation'",
+                'SELECT id, codes FROM templates ORDER BY id')
+            ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+            self._cache = (gen_row[0], ids, self._decode(b''.join(r[1] for r in rows)))
         return self._cache[1], self._cache[2]
 
     def verify(self, name, code):
@@ -520,7 +545,7 @@ class Gallery:
         probe = pack_codes(np.atleast_2d(code), self.q, 'probe code')
         return int(np.min(np.count_nonzero(self.templates_of(name) != probe, axis=1)))
 
-    def identify(self, code, top_k=5):
+    def identify(self, code, top_k=5, _retry=True):
         """[(name, distance, template id)] of the top_k closest templates, best first."""
         self.check_can_identify()
         ids, codes = self.code_matrix()
@@ -531,7 +556,11 @@ class Gallery:
         found = ids[index[0]].tolist()
         marks = ','.join('?' * len(found))
         names = dict(self._read(f'SELECT id, name FROM templates WHERE id IN ({marks})', found))
-        return [(names[t], self.m - int(s), t) for t, s in zip(found, score[0])]
+        if len(names) < len(found) and _retry:
+            # Revoked since the matrix was read (another process): search the new gallery once.
+            return self.identify(code, top_k, _retry=False)
+        # Never a template revoked before this call: left out if it goes in the meantime.
+        return [(names[t], self.m - int(s), t) for t, s in zip(found, score[0]) if t in names]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -627,25 +656,25 @@ def accepts(distance, threshold):
     return distance <= threshold
 
 
-def init_with_model(db_path, cfg_path, key_mode='application'):
+def init_with_model(db_path, cfg_path, key_mode='application', key_file=None):
     """Create a gallery for the stage-2 model of `cfg_path` (refused before loading the model when
     the database or its key file exists, or the model cannot change keys); returns (gallery, cfg)."""
     from modules.utils import STAGE2_REQUIRED, load_config, quiet_tensorflow
-    Gallery.check_new(db_path)
+    Gallery.check_new(db_path, key_file, cfg_path)
     cfg = load_config(cfg_path, STAGE2_REQUIRED)
     check_key_change(cfg)
     quiet_tensorflow()
     # The fingerprint does not depend on the key (PermLayer has no weights).
     hasher = Hasher(cfg, key=None)
     return Gallery.create(db_path, cfg_path, cfg['m'], cfg['q'], hasher.fingerprint,
-                          key_mode), cfg
+                          key_mode, key_file), cfg
 
 
-def open_with_model(db_path, cfg_path=None, name=None):
+def open_with_model(db_path, cfg_path=None, name=None, key_file=None):
     """(gallery, hasher, cfg): the gallery and its hashing model under its key. A model other than
     the gallery's is refused, and an unknown `name` before the model is loaded."""
     from modules.utils import STAGE2_REQUIRED, load_config, quiet_tensorflow
-    gallery = Gallery.open(db_path)
+    gallery = Gallery.open(db_path, key_file)
     if name is not None:
         gallery.templates_of(name)
     cfg = load_config(cfg_path or gallery.meta['cfg_path'], STAGE2_REQUIRED)
@@ -709,15 +738,8 @@ def enroll_folders(gallery, folders, faces_to_codes, load, progress=True):
 # ---------------------------------------------------------------------------------------------
 # Service access tokens (serve.py). A bearer token is 32 random bytes shown once when made; the
 # database keeps only its SHA-256 and a role, so a copy of the database gives no usable token.
-# The table is made on the first `add_token`, so galleries made before it open unchanged.
 TOKEN_ROLES = ('admin', 'client')
 _TOKEN_PREFIX = 'iomf_'
-_TOKENS_SCHEMA = """
-CREATE TABLE IF NOT EXISTS tokens (
-    digest TEXT PRIMARY KEY,
-    role TEXT NOT NULL CHECK (role IN ('admin', 'client')),
-    created REAL NOT NULL)
-"""
 
 
 def token_digest(token):
@@ -737,13 +759,13 @@ def add_token(gallery, role):
     token = _TOKEN_PREFIX + secrets.token_urlsafe(32)
     digest = token_digest(token)
     with gallery._write() as conn:
-        conn.execute(_TOKENS_SCHEMA)
+        gallery.store.ensure_tokens_table(conn)
         conn.execute('INSERT INTO tokens VALUES (?, ?, ?)', (digest, role, time.time()))
     return token, token_id(digest)
 
 
 def _token_rows(gallery):
-    if not gallery._read("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'tokens'"):
+    if 'tokens' not in gallery.store.tables():
         return []
     return gallery._read('SELECT digest, role, created FROM tokens ORDER BY created')
 

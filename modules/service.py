@@ -5,7 +5,10 @@ a worker thread, hashed by the micro-batching queue (photos arriving within `bat
 through the model in one call, on a thread of its own), and decided by the same `Gallery` methods
 and threshold as gallery.py. Every gallery call runs on one database thread (an SQLite connection
 belongs to one thread), except the token lookup, which reads on the event loop's own connection;
-writes from other processes (gallery.py, `serve.py token`) are seen on the next request.
+writes from other processes (gallery.py, `serve.py token`, other serve.py instances on the same
+PostgreSQL gallery) are seen on the next request: each request first catches up with the
+gallery's generation, and a rekey made elsewhere swaps this instance's model to the new key
+(read from the key file). A database that cannot be reached gives 503 until it is back.
 
 What never leaves the process: the application key, tokens (only their SHA-256 is stored and a
 presented token is only hashed), embeddings. Error bodies are one line, `{"detail": ...}`.
@@ -29,7 +32,16 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modules.align import face_crop, read_photo
-from modules.gallery import Hasher, NotEnrolled, accepts, check_name, new_key, token_role
+from modules.gallery import (
+    DatabaseUnavailable,
+    Hasher,
+    KeyChanged,
+    NotEnrolled,
+    accepts,
+    check_name,
+    new_key,
+    token_role,
+)
 from modules.utils import UserError
 
 log = logging.getLogger('iomface.service')
@@ -198,7 +210,7 @@ class Service:
         # An SQLite connection belongs to the thread that opened it: the gallery is opened again
         # on the database thread, which then makes every gallery call.
         self.db_thread = concurrent.futures.ThreadPoolExecutor(1, 'gallery')
-        self.gallery = self.db_thread.submit(type(gallery).open, gallery.db_path).result()
+        self.gallery = self.db_thread.submit(gallery.reopen).result()
         gallery.close()
         self.hasher = hasher.trace()
         self.hasher_key_id = self.gallery.meta['key_id']
@@ -219,12 +231,26 @@ class Service:
         return self.hasher.codes(faces), self.hasher_key_id
 
     def _swap_hasher(self, key, kid):
-        self.hasher = Hasher(self.cfg, key).trace()
-        self.hasher_key_id = kid
+        if kid != self.hasher_key_id:  # several requests may ask for the same swap
+            self.hasher = Hasher(self.cfg, key).trace()
+            self.hasher_key_id = kid
 
     async def db(self, fn, *args):
         """Run fn(*args) on the database thread."""
         return await asyncio.get_running_loop().run_in_executor(self.db_thread, fn, *args)
+
+    async def fresh(self, fn, *args):
+        """fn(*args) on the database thread after catching up with other processes' writes;
+        a rekey made elsewhere then swaps the model to the new key (KeyChanged: 409)."""
+        def call():
+            self.gallery.refresh()
+            return fn(*args)
+        try:
+            return await self.db(call)
+        finally:
+            kid = self.gallery.meta['key_id']
+            if kid != self.hasher_key_id:
+                await self.batcher.run_on_model_thread(self._swap_hasher, self.gallery.key, kid)
 
     async def probe(self, upload, want_crop=False, subject_key=None):
         """(code, key id, crop data URL or None) of an uploaded photo; 413/422 for a bad image."""
@@ -341,7 +367,7 @@ def create_app(gallery, hasher, cfg, settings):
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        service.auth_gallery = type(gallery).open(gallery.db_path)  # on the event loop's thread
+        service.auth_gallery = gallery.reopen()  # on the event loop's thread
         service.batcher.start()
         try:
             yield
@@ -386,14 +412,15 @@ def create_app(gallery, hasher, cfg, settings):
             if kid != gallery.meta['key_id']:
                 raise HTTPException(409, _REKEYED)
             try:
+                # made_under: checked inside the transaction against a rekey by another instance.
                 gallery.enroll(name, code[None], [f'upload:{_upload_name(image)}'],
-                               subject_key=key)
+                               subject_key=key, made_under=kid)
             except UserError as err:
                 if 'another key' in str(err):  # an enrolled subject, a new or wrong key
                     raise HTTPException(409, str(err)) from None
                 raise
             return len(gallery.templates_of(name))
-        templates = await service.db(write)
+        templates = await service.fresh(write)
         body = {'name': name, 'templates': templates}
         if issued:
             body['subject_key'] = f'{key:x}'
@@ -425,7 +452,7 @@ def create_app(gallery, hasher, cfg, settings):
             if kid != gallery.meta['key_id']:
                 raise HTTPException(409, _REKEYED)
             return gallery.verify(name, code), gallery.key_matches(name, key)
-        distance, key_ok = await service.db(decide)
+        distance, key_ok = await service.fresh(decide)
         body = {'name': name, 'distance': distance, 'm': gallery.m,
                 'threshold': settings.threshold,
                 'match': bool(key_ok and accepts(distance, settings.threshold))}
@@ -446,7 +473,7 @@ def create_app(gallery, hasher, cfg, settings):
             if kid != gallery.meta['key_id']:
                 raise HTTPException(409, _REKEYED)
             return gallery.identify(code, top_k), gallery.count()
-        found, templates = await service.db(search)
+        found, templates = await service.fresh(search)
         return _with_crop({'threshold': settings.threshold, 'templates': templates, 'candidates': [
             {'name': n, 'distance': d, 'match': bool(accepts(d, settings.threshold))}
             for n, d, _ in found]}, crop)
@@ -457,7 +484,7 @@ def create_app(gallery, hasher, cfg, settings):
         in a subject-key gallery: 409)."""
         _refuse_in_subject_mode(gallery.check_can_rekey)
         old = gallery.meta['key_id']
-        deleted = await service.db(gallery.rekey)
+        deleted = await service.fresh(gallery.rekey)
         await service.batcher.run_on_model_thread(service._swap_hasher, gallery.key,
                                                   gallery.meta['key_id'])
         return {'old_key_id': old, 'key_id': gallery.meta['key_id'], 'deleted': deleted}
@@ -514,6 +541,16 @@ def _error_handlers(app):
     @app.exception_handler(NotEnrolled)
     async def not_enrolled(request, err):
         return JSONResponse({'detail': str(err)}, 404)
+
+    @app.exception_handler(KeyChanged)
+    async def rekeyed(request, err):
+        return JSONResponse({'detail': _REKEYED}, 409)
+
+    @app.exception_handler(DatabaseUnavailable)
+    async def unavailable(request, err):
+        log.error('%s %s: %s', request.method, request.url.path, err)
+        return JSONResponse({'detail': 'the gallery database is unreachable: try again shortly'},
+                            503, headers={'Retry-After': '1'})
 
     @app.exception_handler(UserError)
     async def server_side(request, err):

@@ -7,3 +7,16 @@ os.environ.setdefault('CUDA_VISIBLE_DEVICES', '-1')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def pg_server():
+    """A throw-away PostgreSQL server for the session (skipped when PostgreSQL is not installed)."""
+    from tests.pg_server import PgServer, pg_bin_dir
+    if pg_bin_dir() is None:
+        pytest.skip('PostgreSQL server binaries (initdb, pg_ctl) not installed')
+    server = PgServer()
+    yield server
+    server.stop()

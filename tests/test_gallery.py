@@ -1,4 +1,6 @@
-"""Gallery: storage rules, reliability (concurrent writers, SIGKILL, corruption), revocability, CLI."""
+"""Gallery: storage rules, reliability (concurrent writers, SIGKILL, corruption), revocability, CLI.
+The storage tests run on both backends: an SQLite file and a throw-away PostgreSQL server
+(tests/pg_server.py, skipped when PostgreSQL is not installed)."""
 import os
 import signal
 import sqlite3
@@ -10,7 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from modules.gallery import Gallery, decision_threshold, key_path, read_key
+from modules.gallery import Gallery, decision_threshold, read_key
+from modules.gallery_store import SQLiteStore
 from modules.utils import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,8 +21,18 @@ ENV = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_D
 M, Q = 32, 8
 
 
-def new_gallery(tmp_path, name='g.sqlite'):
-    return Gallery.create(str(tmp_path / name), 'tiny.yaml', M, Q, 'f' * 64)
+@pytest.fixture(params=['sqlite', 'postgres'])
+def new_db(request, tmp_path):
+    """new_db(name) -> a new database: an SQLite path in tmp_path or a fresh PostgreSQL database."""
+    if request.param == 'sqlite':
+        return lambda name='g.sqlite': str(tmp_path / name)
+    server = request.getfixturevalue('pg_server')
+    return lambda name=None: server.create_db()
+
+
+def new_gallery(tmp_path, db, key_mode='application'):
+    # The config's folder is tmp_path: a PostgreSQL gallery's key file goes there.
+    return Gallery.create(db, str(tmp_path / 'tiny.yaml'), M, Q, 'f' * 64, key_mode)
 
 
 def float_run_length(data, low=1e-6, high=1e6):
@@ -40,13 +53,24 @@ def float_run_length(data, low=1e-6, high=1e6):
 
 
 def gallery_bytes(db):
-    return b''.join(open(p, 'rb').read() for p in (db, db + '-wal') if os.path.exists(p))
+    """Everything the database stores: the SQLite files, or every row of every table."""
+    from modules.gallery_store import TABLES, is_postgres
+    if not is_postgres(db):
+        return b''.join(open(p, 'rb').read() for p in (db, db + '-wal') if os.path.exists(p))
+    import psycopg
+    out = []
+    with psycopg.connect(db) as conn:
+        for table in TABLES:
+            for row in conn.execute(f'SELECT * FROM {table}'):
+                out += [v if isinstance(v, bytes) else str(v).encode() for v in row]
+    return b'\n'.join(out)
 
 
-def test_storage_rules_key_file_and_refusals(tmp_path):
-    gallery = new_gallery(tmp_path)
-    db = gallery.db_path
-    assert stat.S_IMODE(os.stat(key_path(db)).st_mode) == 0o600
+def test_storage_rules_key_file_and_refusals(tmp_path, new_db):
+    gallery = new_gallery(tmp_path, new_db())
+    db, kpath = gallery.db_path, gallery.key_file
+    assert os.path.dirname(kpath) == str(tmp_path)
+    assert stat.S_IMODE(os.stat(kpath).st_mode) == 0o600
     codes = np.random.default_rng(0).integers(0, Q, (3, M))
     assert gallery.enroll('alice', codes[:2], ['a1.jpg', 'a2.jpg']) == 2
     assert gallery.enroll('alice', codes[2:], ['a3.jpg'], only_new=True) == 0
@@ -54,7 +78,7 @@ def test_storage_rules_key_file_and_refusals(tmp_path):
     assert gallery.verify('alice', codes[1]) == 0
     assert gallery.identify(codes[2], top_k=2)[0][:2] == ('bob', 0)
     with pytest.raises(UserError, match='already exists'):
-        new_gallery(tmp_path)
+        new_gallery(tmp_path, db)
     with pytest.raises(UserError, match="'carol' is not enrolled"):
         gallery.verify('carol', codes[0])
     with pytest.raises(UserError, match='values in'):
@@ -62,14 +86,14 @@ def test_storage_rules_key_file_and_refusals(tmp_path):
     with pytest.raises(UserError, match='another model'):
         gallery.check_model('0' * 64, M, Q)
     # The key never enters the database; a world-readable, missing or foreign key is refused.
-    key = read_key(key_path(db))
+    key = read_key(kpath)
     assert f'{key:x}'.encode() not in gallery_bytes(db)
-    os.chmod(key_path(db), 0o644)
+    os.chmod(kpath, 0o644)
     with pytest.raises(UserError, match='accessible by other users'):
         Gallery.open(db)
-    os.chmod(key_path(db), 0o600)
-    other = new_gallery(tmp_path, 'other.sqlite')
-    os.replace(key_path(other.db_path), key_path(db))
+    os.chmod(kpath, 0o600)
+    other = new_gallery(tmp_path, new_db('other.sqlite'))
+    os.replace(other.key_file, kpath)
     with pytest.raises(UserError, match='is not the key of'):
         Gallery.open(db)
     with pytest.raises(UserError, match='key file not found'):
@@ -78,15 +102,15 @@ def test_storage_rules_key_file_and_refusals(tmp_path):
     assert events == ['init', 'enroll', 'enroll']
 
 
-def test_rekey_deletes_every_code_and_survives_a_crash_before_the_rename(tmp_path):
-    gallery = new_gallery(tmp_path)
+def test_rekey_deletes_every_code_and_survives_a_crash_before_the_rename(tmp_path, new_db):
+    gallery = new_gallery(tmp_path, new_db())
     gallery.enroll('alice', np.zeros((2, M), np.uint8), ['a', 'b'])
     old_id = gallery.meta['key_id']
     assert gallery.rekey() == 2 and gallery.count() == 0 and gallery.meta['key_id'] != old_id
     assert Gallery.open(gallery.db_path).meta['key_id'] == gallery.meta['key_id']
     assert [row[1] for row in gallery.audit()][-1] == 'rekey'
     # Simulate a crash after the database commit but before <key>.new replaced <key>.
-    kpath = key_path(gallery.db_path)
+    kpath = gallery.key_file
     os.replace(kpath, kpath + '.new')
     with open(kpath, 'w') as fh:
         fh.write('1234\n')
@@ -108,8 +132,8 @@ for i in range(40):
 """
 
 
-def test_four_processes_enrolling_at_once_lose_nothing(tmp_path):
-    gallery = new_gallery(tmp_path)
+def test_four_processes_enrolling_at_once_lose_nothing(tmp_path, new_db):
+    gallery = new_gallery(tmp_path, new_db())
     procs = [subprocess.Popen([sys.executable, '-c', _WRITER, gallery.db_path, str(w)], env=ENV,
                               stderr=subprocess.PIPE, text=True) for w in range(4)]
     for proc in procs:
@@ -138,8 +162,8 @@ print(summary['enrolled'], summary['skipped'])
 """
 
 
-def test_bulk_enrol_killed_with_sigkill_resumes_with_every_subject_once(tmp_path):
-    gallery = new_gallery(tmp_path)
+def test_bulk_enrol_killed_with_sigkill_resumes_with_every_subject_once(tmp_path, new_db):
+    gallery = new_gallery(tmp_path, new_db())
     proc = subprocess.Popen([sys.executable, '-c', _BULK, gallery.db_path], env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
@@ -158,11 +182,93 @@ def test_bulk_enrol_killed_with_sigkill_resumes_with_every_subject_once(tmp_path
     assert skipped == done and enrolled == 150 - done
     rows = gallery.subjects()
     assert [r[0] for r in rows] == [f's{i:03d}' for i in range(150)] and {r[1] for r in rows} == {3}
-    assert sqlite3.connect(gallery.db_path).execute('PRAGMA integrity_check').fetchone() == ('ok',)
+    if isinstance(gallery.store, SQLiteStore):
+        assert sqlite3.connect(gallery.db_path).execute('PRAGMA integrity_check').fetchone() == \
+            ('ok',)
+
+
+_ENROLLER = """
+import sys
+import numpy as np
+from modules.gallery import Gallery, KeyChanged
+gallery = Gallery.open(sys.argv[1])
+refused, after = 0, 0
+for i in range(20000):  # until 5 enrolments after the 6th rekey
+    name = f'e{sys.argv[2]}_{i:04d}'
+    try:  # codes 'made' under the key this process holds, which a rekey elsewhere replaces
+        gallery.enroll(name, np.zeros((1, 32), np.uint8), [name])
+    except KeyChanged:
+        refused += 1
+        gallery.refresh()  # the new key, from the key file
+    rekeys = gallery._read("SELECT COUNT(*) FROM audit WHERE event = 'rekey'")[0][0]
+    after += rekeys == 6
+    if after > 5:
+        break
+print(refused)
+"""
+_REKEYER = """
+import sys, time
+from modules.gallery import Gallery
+gallery = Gallery.open(sys.argv[1])
+deadline = time.time() + 120
+while time.time() < deadline and gallery._read(  # every enroller is running
+        'SELECT COUNT(DISTINCT substr(name, 1, 2)) FROM templates')[0][0] < 3:
+    time.sleep(0.01)
+for _ in range(6):
+    time.sleep(0.05)
+    gallery.rekey()
+"""
+
+
+def test_concurrent_rekey_and_enrolment_never_leave_codes_of_two_keys(tmp_path, new_db):
+    gallery = new_gallery(tmp_path, new_db())
+    procs = [subprocess.Popen([sys.executable, '-c', code, gallery.db_path, str(w)], env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for w, code in enumerate([_ENROLLER] * 3 + [_REKEYER])]
+    outs = [proc.communicate(timeout=300) for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), [err for _, err in outs]
+    refused = sum(int(out) for out, _ in outs[:3])
+    gallery.refresh()
+    held = {row[0] for row in gallery._read('SELECT DISTINCT key_id FROM templates')}
+    print(f'{refused} enrolments refused as made under a replaced key; key ids held: {held}')
+    assert held == {gallery.meta['key_id']}
+    assert refused >= 3  # each enroller met a rekey between hashing and writing
+    assert [row[1] for row in gallery.audit()].count('rekey') == 6
+    assert gallery.key == read_key(gallery.key_file)
+
+
+def test_postgres_refusals_newer_schema_and_connection_errors(tmp_path, pg_server):
+    import psycopg
+    gallery = new_gallery(tmp_path, pg_server.create_db())
+    with psycopg.connect(gallery.db_path, autocommit=True) as conn:
+        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    with pytest.raises(UserError, match='schema version 2 is newer than this IoMFace'):
+        Gallery.open(gallery.db_path)
+    with pytest.raises(UserError, match='keep the password out of the URL'):
+        Gallery.open(f'postgresql://postgres:secret@127.0.0.1:{pg_server.port}/postgres')
+    with pytest.raises(UserError, match='no gallery in this database'):
+        Gallery.open(pg_server.url('postgres'))
+    gallery_py = os.path.join(ROOT, 'gallery.py')
+    bad = {'does not exist': pg_server.url('nosuchdb'),
+           'role "nobody_here" does not exist':
+               f'postgresql://nobody_here@127.0.0.1:{pg_server.port}/postgres',
+           'Connection refused': 'postgresql://postgres@127.0.0.1:1/postgres'}
+    procs = {why: subprocess.Popen([sys.executable, gallery_py, 'list', '--db', url], env=ENV,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for why, url in bad.items()}
+    # serve.py says the same before loading anything.
+    procs['serve.py: Connection refused'] = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, 'serve.py'), '--db', bad['Connection refused']],
+        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for why, proc in procs.items():
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and err.count('\n') == 1, err
+        assert 'cannot connect to PostgreSQL' in err and why.split(': ')[-1] in err
+        assert 'Traceback' not in err
 
 
 def test_corrupted_database_gives_one_clear_error(tmp_path):
-    gallery = new_gallery(tmp_path)
+    gallery = new_gallery(tmp_path, str(tmp_path / 'g.sqlite'))
     gallery.enroll('alice', np.zeros((1, M), np.uint8), ['a'])
     gallery.close()
     with sqlite3.connect(gallery.db_path) as conn:
@@ -187,7 +293,7 @@ def test_float_scan_finds_an_embedding_and_the_gallery_holds_none(tmp_path):
         conn.execute('CREATE TABLE t (name TEXT, v BLOB)')
         conn.execute('INSERT INTO t VALUES (?, ?)', ('alice', embedding.tobytes()))
     assert float_run_length((tmp_path / 'leaky.sqlite').read_bytes()) >= 512
-    gallery = new_gallery(tmp_path)
+    gallery = new_gallery(tmp_path, str(tmp_path / 'g.sqlite'))
     codes = np.random.default_rng(2).integers(0, Q, (300, M))
     gallery.enroll_bulk([f'p{i}' for i in range(300)], codes)
     assert float_run_length(gallery_bytes(gallery.db_path)) < 64
@@ -236,20 +342,26 @@ def gallery_cli(work, *args):
                           env=ENV, capture_output=True, text=True, timeout=300)
 
 
-def test_cli_enrol_verify_identify(tiny):
+@pytest.mark.parametrize('backend', ['sqlite', 'postgres'])
+def test_cli_enrol_verify_identify(tiny, backend, request):
     work, cfg_path, _, _ = tiny
-    out = gallery_cli(work, 'init', '--cfg_path', cfg_path, '--db', 'g.sqlite')
+    db = 'g.sqlite' if backend == 'sqlite' else request.getfixturevalue('pg_server').create_db()
+    out = gallery_cli(work, 'init', '--cfg_path', cfg_path, '--db', db)
     assert out.returncode == 0, out.stderr
-    assert stat.S_IMODE(os.stat(work / 'g.sqlite.key').st_mode) == 0o600
-    out = gallery_cli(work, 'enroll_dir', '--db', 'g.sqlite', '--input_dir', 'people',
+    key_file = ('g.sqlite.key' if backend == 'sqlite' else
+                os.path.join(os.path.dirname(os.path.abspath(cfg_path)),
+                             db.rsplit('/', 1)[1] + '.key'))
+    assert f'key file {key_file} (mode 0600' in out.stdout
+    assert stat.S_IMODE(os.stat(work / key_file).st_mode) == 0o600
+    out = gallery_cli(work, 'enroll_dir', '--db', db, '--input_dir', 'people',
                       '--noprogress')
     assert out.returncode == 0, out.stderr
     assert '2 subjects: 2 enrolled (4 templates)' in out.stdout and 'broken.jpg' in out.stdout
-    out = gallery_cli(work, 'verify', '--db', 'g.sqlite', '--name', 'alice', '--image',
+    out = gallery_cli(work, 'verify', '--db', db, '--name', 'alice', '--image',
                       'people/alice/1.jpg', '--threshold', '1')
     assert out.returncode == 0 and 'distance 0 / 32' in out.stdout and 'MATCH' in out.stdout
     # Someone never enrolled: the closest templates are listed, none within the threshold.
-    out = gallery_cli(work, 'identify', '--db', 'g.sqlite', '--image', 'stranger.jpg',
+    out = gallery_cli(work, 'identify', '--db', db, '--image', 'stranger.jpg',
                       '--threshold', '1', '--top_k', '3')
     assert out.returncode == 1 and 'MATCH' not in out.stdout, out.stderr
     ranks = [line.split() for line in out.stdout.splitlines() if line.strip()[:2] in ('1.', '3.')]
@@ -293,10 +405,10 @@ def test_rekey_revokes_old_codes_and_another_model_is_refused(tiny, monkeypatch)
 
 # ---------------------------------------------------------------------------------------------
 # Subject-held keys.
-def test_subject_key_gallery_stores_no_key_and_refuses_what_needs_one(tmp_path):
+def test_subject_key_gallery_stores_no_key_and_refuses_what_needs_one(tmp_path, new_db):
     from modules.gallery import key_id, new_key
-    gallery = Gallery.create(str(tmp_path / 's.sqlite'), 'tiny.yaml', M, Q, 'f' * 64, 'subject')
-    assert gallery.subject_keys and gallery.key is None and not os.path.exists(key_path(gallery.db_path))
+    gallery = new_gallery(tmp_path, new_db('s.sqlite'), 'subject')
+    assert gallery.subject_keys and gallery.key is None and not os.path.exists(gallery.key_file)
     codes = np.random.default_rng(0).integers(0, Q, (2, M))
     alice, bob = new_key(), new_key()
     gallery.enroll('alice', codes[:1], ['a.jpg'], subject_key=alice)

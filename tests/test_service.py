@@ -1,6 +1,7 @@
 """serve.py: tokens and roles, bad input, decisions equal to the gallery's, 16-client load, SIGTERM
 and SIGKILL during load. One server process on 127.0.0.1 serves the module's tests in file order
-(the last one stops it with SIGTERM and restarts it); a tiny seeded model (tests/tiny_iom.py)."""
+(the last one stops it with SIGTERM and restarts it); a tiny seeded model (tests/tiny_iom.py).
+The module runs twice: on an SQLite gallery and on a PostgreSQL one (tests/pg_server.py)."""
 import concurrent.futures
 import io
 import os
@@ -17,6 +18,8 @@ import numpy as np
 import pytest
 
 from modules.gallery import Gallery
+from modules.gallery_store import is_postgres
+from tests.test_gallery import gallery_bytes
 from tests.workers import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,13 +82,14 @@ def bearer(tok):
     return {'Authorization': f'Bearer {tok}'}
 
 
-@pytest.fixture(scope='module')
-def svc(tmp_path_factory):
+@pytest.fixture(scope='module', params=['sqlite', 'postgres'])
+def svc(tmp_path_factory, request):
     from tests.tiny_iom import make_tiny_model, synthetic_faces
     work = str(tmp_path_factory.mktemp('service'))
     cfg_path = make_tiny_model(work)
     faces, gids = synthetic_faces(40, 2)
-    db = os.path.join(work, 'g.sqlite')
+    db = (os.path.join(work, 'g.sqlite') if request.param == 'sqlite' else
+          request.getfixturevalue('pg_server').create_db('service'))
     # The server creates the gallery; tokens are added while it runs (seen on the next request).
     server = Server(work, db, '--cfg_path', cfg_path, '--threshold', str(THRESHOLD),
                     '--max_pixels', '1000000', '--max_upload_mb', '1')
@@ -132,7 +136,7 @@ def test_tokens_roles_and_revocation(svc):
                          cwd=work, env=ENV, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and out.stderr.startswith("error: no token with id 'abc'")
     # Only digests are stored.
-    data = b''.join(open(p, 'rb').read() for p in (db, db + '-wal') if os.path.exists(p))
+    data = gallery_bytes(db)
     for tok in (svc['admin'], svc['client'], extra):
         assert tok.encode() not in data
 
@@ -245,14 +249,23 @@ def test_rekey_revokes_every_template(svc):
     assert httpx.delete(url + '/v1/subjects/alice', headers=admin).json()['deleted'] == 1
 
 
-class Client:
-    """One load client: owns its subjects, so it knows what every answer about them must be."""
+UNAVAILABLE = 'the gallery database is unreachable: try again shortly'
 
-    def __init__(self, url, idx, photos, admin, client, requests, rng_seed):
-        self.url, self.idx, self.photos = url, idx, photos
+
+class Client:
+    """One load client: owns its subjects, so it knows what every answer about them must be.
+    With several `urls` (service instances on one PostgreSQL gallery) each request goes to one of
+    them at random: an enrolment answered by one is checked on the others' next answers. A 503
+    (database restarting) must say so in one line; an enrolment answered 503 may or may not
+    have been committed (`doubt`), a revoke answered 503 is sent again."""
+
+    def __init__(self, urls, idx, photos, admin, client, requests, rng_seed):
+        self.urls = [urls] if isinstance(urls, str) else urls
+        self.idx, self.photos = idx, photos
         self.admin, self.client = bearer(admin), bearer(client)
         self.requests, self.rng = requests, random.Random(rng_seed)
-        self.enrolled = {}  # name -> number of templates
+        self.enrolled = {}  # name -> number of templates acknowledged
+        self.doubt = {}  # name -> enrolments answered 503 (committed or not)
         self.statuses = []
         self.errors = []
 
@@ -260,42 +273,66 @@ class Client:
         if not ok:
             self.errors.append(what)
 
+    def unavailable(self, r):
+        self.check(r.json() == {'detail': UNAVAILABLE}, ('503', r.text))
+        return True
+
     def run(self, deadline):
         names = [f'c{self.idx:02d}_s{j}' for j in range(len(self.photos))]
-        with httpx.Client(base_url=self.url, timeout=60) as http:
+        https = [httpx.Client(base_url=url, timeout=60) for url in self.urls]
+        try:
             for _ in range(self.requests):
                 if time.time() > deadline:
                     break
                 j = self.rng.randrange(len(names))
                 name, photo = names[j], {'image': ('p.jpg', self.photos[j])}
                 op = self.rng.choices(('enrol', 'verify', 'identify', 'revoke'), (3, 4, 3, 1))[0]
-                if op == 'enrol':
-                    r = http.post(f'/v1/subjects/{name}/templates', files=photo, headers=self.admin)
-                    self.enrolled[name] = self.enrolled.get(name, 0) + (r.status_code == 201)
-                    self.check(r.status_code == 201 and r.json()['templates'] == self.enrolled[name],
-                               (op, name, r.status_code, r.text))
-                elif op == 'verify':
-                    r = http.post('/v1/verify', data={'name': name}, files=photo,
-                                  headers=self.client)
-                    want = 200 if name in self.enrolled else 404
-                    self.check(r.status_code == want and (want == 404 or (
-                        r.json()['distance'] == 0 and r.json()['match'])), (op, name, r.text))
-                elif op == 'identify':
-                    r = http.post('/v1/identify', data={'top_k': '5'}, files=photo,
-                                  headers=self.client)
-                    if name in self.enrolled:
-                        cands = r.json()['candidates'] if r.status_code == 200 else []
-                        exact = [c['name'] for c in cands if c['distance'] == 0]
-                        self.check(name in exact or len(exact) == 5, (op, name, r.text))
-                    else:  # others' subjects may be found, never this one, and 404 only if empty
-                        self.check(r.status_code in (200, 404) and (r.status_code == 404 or all(
-                            c['name'] != name for c in r.json()['candidates'])), (op, name, r.text))
-                else:
-                    r = http.delete(f'/v1/subjects/{name}', headers=self.admin)
-                    want = 200 if name in self.enrolled else 404
-                    self.check(r.status_code == want, (op, name, r.status_code, r.text))
-                    self.enrolled.pop(name, None)
-                self.statuses.append(r.status_code)
+                http = https[0] if len(https) == 1 else self.rng.choice(https)
+                self.statuses.append(self.request(http, op, name, photo).status_code)
+        finally:
+            for http in https:
+                http.close()
+
+    def request(self, http, op, name, photo):
+        doubt = self.doubt.get(name, 0)
+        if op == 'enrol':
+            r = http.post(f'/v1/subjects/{name}/templates', files=photo, headers=self.admin)
+            if r.status_code == 503 and self.unavailable(r):
+                self.doubt[name] = doubt + 1
+                return r
+            self.enrolled[name] = self.enrolled.get(name, 0) + (r.status_code == 201)
+            self.check(r.status_code == 201 and self.enrolled[name] <= r.json()['templates']
+                       <= self.enrolled[name] + doubt, (op, name, r.status_code, r.text))
+        elif op == 'verify':
+            r = http.post('/v1/verify', data={'name': name}, files=photo, headers=self.client)
+            if r.status_code == 503 and self.unavailable(r) or (doubt and r.status_code == 200):
+                return r
+            want = 200 if name in self.enrolled else 404
+            self.check(r.status_code == want and (want == 404 or (
+                r.json()['distance'] == 0 and r.json()['match'])), (op, name, r.text))
+        elif op == 'identify':
+            r = http.post('/v1/identify', data={'top_k': '5'}, files=photo, headers=self.client)
+            if r.status_code == 503 and self.unavailable(r):
+                return r
+            if name in self.enrolled:
+                cands = r.json()['candidates'] if r.status_code == 200 else []
+                exact = [c['name'] for c in cands if c['distance'] == 0]
+                self.check(name in exact or len(exact) == 5, (op, name, r.text))
+            elif not doubt:  # others' subjects may be found, never this one; 404 only if empty
+                self.check(r.status_code in (200, 404) and (r.status_code == 404 or all(
+                    c['name'] != name for c in r.json()['candidates'])), (op, name, r.text))
+        else:
+            for _ in range(100):  # a revoke answered 503 is sent again until it is answered
+                r = http.delete(f'/v1/subjects/{name}', headers=self.admin)
+                if not (r.status_code == 503 and self.unavailable(r)):
+                    break
+                time.sleep(0.1)
+            want = 200 if name in self.enrolled else 404
+            self.check(r.status_code == want or (doubt and r.status_code in (200, 404)),
+                       (op, name, r.status_code, r.text))
+            self.enrolled.pop(name, None)
+            self.doubt.pop(name, None)
+        return r
 
 
 def test_sixteen_clients_1000_mixed_requests(svc):
@@ -377,9 +414,10 @@ def test_sigterm_then_sigkill_during_enrolment_loses_nothing_acknowledged(svc):
     print(f'SIGTERM: {len(acked)} enrolments acknowledged, all present after restart')
     acked, statuses, code = enrol_load(server, svc, 'kill', signal.SIGKILL)
     assert code == -signal.SIGKILL and set(statuses) == {201}
-    conn = sqlite3.connect(svc['db'])
-    assert conn.execute('PRAGMA integrity_check').fetchone() == ('ok',)
-    conn.close()
+    if not is_postgres(svc['db']):
+        conn = sqlite3.connect(svc['db'])
+        assert conn.execute('PRAGMA integrity_check').fetchone() == ('ok',)
+        conn.close()
     gallery = Gallery.open(svc['db'])
     names = {name for name, *_ in gallery.subjects()}
     assert set(acked) <= names
