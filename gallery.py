@@ -21,10 +21,6 @@ from modules import gallery as gallery_lib
 from modules.utils import UserError, cli_guard
 
 COMMANDS = ('init', 'enroll', 'enroll_dir', 'verify', 'identify', 'revoke', 'rekey', 'list')
-flags.DEFINE_string('db', None, 'gallery: an SQLite file (key file <db>.key) or '
-                    'postgresql://user@host:port/dbname (key file <dbname>.key beside the config)')
-flags.DEFINE_string('key_file', None, 'application key file (default: <db>.key for SQLite, '
-                    "<dbname>.key in the config's folder for PostgreSQL)")
 flags.DEFINE_string('cfg_path', None, 'init: stage-2 config of the hashing model (later commands '
                     'use the one recorded in the database unless given)')
 flags.DEFINE_string('name', None, 'subject name (enroll, verify, revoke)')
@@ -32,7 +28,7 @@ flags.DEFINE_string('image', None, 'face photo: a 112x112 aligned crop or a phot
                     'with modules.align, see --align)')
 flags.DEFINE_string('input_dir', None, 'enroll_dir: one sub-folder of photos per subject')
 flags.DEFINE_integer('top_k', 5, 'identify: number of closest templates to print', lower_bound=1)
-gallery_lib.define_decision_flags()
+gallery_lib.define_gallery_flags()
 flags.adopt_module_key_flags(gallery_lib)  # listed by --help like the script's own
 flags.DEFINE_enum('key_mode', 'application', ['application', 'subject'], 'init: one application '
                   'key file beside the database (1:1 and 1:N), or a key per subject that only the '
@@ -103,14 +99,8 @@ def _enroll_one(gallery, hasher, key):
 @cli_guard
 def main(argv):
     """Dispatch the sub-command."""
-    from modules.gallery import (
-        Gallery,
-        accepts,
-        enroll_folders,
-        identity_folders,
-        init_with_model,
-        open_with_model,
-    )
+    from modules.gallery import Gallery, accepts
+    from modules.hashing import enroll_folders, identity_folders, init_with_model, open_with_model
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise UserError(f"give one sub-command: {', '.join(COMMANDS)} (got {' '.join(argv[1:])!r})")
     command = argv[1]

@@ -17,10 +17,6 @@ from absl import app, flags
 from modules import gallery as gallery_lib
 from modules.utils import UserError, cli_guard
 
-flags.DEFINE_string('db', None, 'gallery: an SQLite file (key file <db>.key) or '
-                    'postgresql://user@host:port/dbname (key file <dbname>.key beside the config)')
-flags.DEFINE_string('key_file', None, 'application key file (default: <db>.key for SQLite, '
-                    "<dbname>.key in the config's folder for PostgreSQL)")
 flags.DEFINE_string('cfg_path', None, 'stage-2 config of the hashing model (default: the one '
                     'recorded in the gallery; needed to create a new gallery)')
 flags.DEFINE_string('host', '127.0.0.1', 'address to bind (loopback: put a TLS proxy in front '
@@ -29,7 +25,7 @@ flags.DEFINE_integer('port', 8000, 'TCP port', lower_bound=0, upper_bound=65535)
 flags.DEFINE_float('max_upload_mb', 10.0, 'largest request body (413 above it)', lower_bound=0.01)
 flags.DEFINE_integer('max_pixels', 40_000_000, 'largest image in pixels (413 above it: '
                      'decompression bombs)', lower_bound=1)
-gallery_lib.define_decision_flags()
+gallery_lib.define_gallery_flags()
 flags.adopt_module_key_flags(gallery_lib)  # listed by --help like the script's own
 flags.DEFINE_integer('max_batch', 64, 'most photos hashed in one model call', lower_bound=1)
 flags.DEFINE_float('batch_wait_ms', 30.0, 'longest wait of a batch for more photos (only while '
@@ -75,12 +71,8 @@ def _token(argv):
 def _serve():
     import uvicorn
 
-    from modules.gallery import (
-        decision_threshold,
-        gallery_exists,
-        init_with_model,
-        open_with_model,
-    )
+    from modules.gallery import decision_threshold, gallery_exists
+    from modules.hashing import init_with_model, open_with_model
     from modules.service import Settings, create_app
     if FLAGS.db is None:
         raise UserError('serve.py needs --db (a gallery database, created when missing)')

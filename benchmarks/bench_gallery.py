@@ -158,7 +158,8 @@ def revocability(work, cfg_path):
     from modules.utils import quiet_tensorflow
     quiet_tensorflow()
     from modules.evaluations import pair_distances
-    from modules.gallery import Hasher, decision_threshold
+    from modules.gallery import decision_threshold
+    from modules.hashing import Hasher
     cfg = load_config(cfg_path, STAGE2_REQUIRED)
     threshold, source = decision_threshold(cfg)
     gallery = Gallery.create(os.path.join(work, 'revoke.sqlite'), cfg_path, cfg['m'], cfg['q'],

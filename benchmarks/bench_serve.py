@@ -132,7 +132,8 @@ def main(_):
     """Build the gallery, start the server, measure, print the table."""
     import cv2
 
-    from modules.gallery import Gallery, Hasher, add_token
+    from modules.gallery import Gallery, add_token
+    from modules.hashing import Hasher
     from modules.utils import quiet_tensorflow
     cfg = load_config(FLAGS.cfg_path, STAGE2_REQUIRED)
     paths = sorted(glob.glob(os.path.join(FLAGS.faces, '**', '*.jpg'), recursive=True))

@@ -34,7 +34,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from modules.align import face_crop, read_photo
 from modules.gallery import (
     DatabaseUnavailable,
-    Hasher,
     KeyChanged,
     NotEnrolled,
     accepts,
@@ -42,6 +41,7 @@ from modules.gallery import (
     new_key,
     token_role,
 )
+from modules.hashing import Hasher
 from modules.utils import UserError
 
 log = logging.getLogger('iomface.service')

@@ -149,7 +149,8 @@ def test_four_processes_enrolling_at_once_lose_nothing(tmp_path, new_db):
 _BULK = """
 import sys, time
 import numpy as np
-from modules.gallery import Gallery, enroll_folders
+from modules.gallery import Gallery
+from modules.hashing import enroll_folders
 gallery = Gallery.open(sys.argv[1])
 folders = [(f's{i:03d}', [f's{i:03d}/{j}.jpg' for j in range(3)]) for i in range(150)]
 
@@ -371,7 +372,7 @@ def test_cli_enrol_verify_identify(tiny, backend, request):
 
 def test_rekey_revokes_old_codes_and_another_model_is_refused(tiny, monkeypatch):
     from modules.evaluations import verification_metrics
-    from modules.gallery import Hasher
+    from modules.hashing import Hasher
     from modules.utils import STAGE2_REQUIRED, load_config
     from tests.tiny_iom import make_tiny_model
     work, cfg_path, faces, gids = tiny

@@ -202,7 +202,7 @@ def test_bad_input_gets_a_clear_4xx(svc):
 
 def test_decisions_are_the_gallerys(svc, monkeypatch):
     """The API's distances equal Gallery.verify/identify on the model's codes in this process."""
-    from modules.gallery import Hasher
+    from modules.hashing import Hasher
     from modules.utils import STAGE2_REQUIRED, load_config
     url, faces, gids = svc['server'].url, svc['faces'], svc['gids']
     admin, client = bearer(svc['admin']), bearer(svc['client'])
