@@ -149,7 +149,13 @@ def main(_):
     quiet_tensorflow()
     from modules import evaluations as ev
     from modules import testsets
-    from modules.models import iom_codes, load_iom_model
+    from modules.models import (
+        iom_codes,
+        load_iom_model,
+        stack_codes,
+        trained_iom_layers,
+        with_perm_key,
+    )
     from modules.protection import (
         evaluate_protection,
         key_change_verdict,
@@ -164,15 +170,9 @@ def main(_):
     model = load_iom_model(cfg)
     embeddings = ev.extract_embeddings(model.get_layer('arcface_model'), images,
                                        cfg['eval_batch_size'], cfg['is_flip'], cfg['is_ccrop'])
-    # The model's own perm_layer may hold the config's perm_key: undo it for the plain codes, so
-    # that they are the codes of the unpermuted embedding.
-    own_key = model.get_layer('perm_layer').perm_key
-    if own_key is None:
-        plain = iom_codes(model, embeddings)
-    else:
-        from modules.layers import key_permutation
-        inverse = np.argsort(key_permutation(own_key, embeddings.shape[1]))
-        plain = iom_codes(model, embeddings[:, inverse])
+    # The plain codes: the model's layers with the identity in place of its own permutation
+    # (the config's perm_key may have set one).
+    plain = stack_codes(with_perm_key(trained_iom_layers(model), None), embeddings)
     rng = np.random.default_rng(FLAGS.seed)
     keys = [int(k) for k in rng.choice(2 ** 31 - 1, size=FLAGS.num_keys, replace=False)]
     codes = [iom_codes(model, embeddings, perm_key=key) for key in keys]

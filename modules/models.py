@@ -159,15 +159,11 @@ def iom_layers(cfg, perm_key=None):
                     IoMHead(cfg['m'], cfg['q'], T=cfg['T'], name='IoMHead')]
 
 
-def key_bound(cfg):
-    """True when the model's codes are valid only under the key it was trained with."""
-    return (cfg.get('perm_position', 'projection') == 'input'
-            and cfg['hidden_layer_remark'] not in ('1', 'T1'))
-
-
 def check_rekeyable(cfg):
-    """UserError when the model of `cfg` works only under the key it was trained with."""
-    if key_bound(cfg):
+    """UserError when the model of `cfg` works only under the key it was trained with: hidden
+    layers after the permutation."""
+    if (cfg.get('perm_position', 'projection') == 'input'
+            and cfg['hidden_layer_remark'] not in ('1', 'T1')):
         raise UserError(
             f"{cfg['sub_name']}: its hidden layers ('{cfg['hidden_layer_remark']}') come after the "
             "key permutation (perm_position: input), so its codes are valid only under the key "
@@ -183,7 +179,8 @@ def trained_iom_layers(iom_model):
 
 
 def with_perm_key(stack, perm_key):
-    """A copy of the layer list `stack` whose perm_layer is replaced by one of `perm_key`."""
+    """A copy of the layer list `stack` whose perm_layer is replaced by one of `perm_key`
+    (None: the identity)."""
     return [PermLayer(perm_key, name='perm_layer') if layer.name == 'perm_layer' else layer
             for layer in stack]
 
@@ -233,6 +230,11 @@ def iom_codes(iom_model, embeddings, perm_key=None, batch_size=1024):
     stack = trained_iom_layers(iom_model)
     if perm_key is not None:
         stack = with_perm_key(stack, perm_key)
+    return stack_codes(stack, embeddings, batch_size)
+
+
+def stack_codes(stack, embeddings, batch_size=1024):
+    """Integer codes (N, m) of precomputed embeddings through a list of IoM layers (inference)."""
     out = []
     for begin in range(0, len(embeddings), batch_size):
         x = tf.convert_to_tensor(embeddings[begin:begin + batch_size], tf.float32)

@@ -371,9 +371,9 @@ def zero_effort_rate(random_codes, enrolled_codes, threshold, chunk=256):
     b = _codes_2d(enrolled_codes, 'enrolled_codes')
     if a.shape[1] != b.shape[1]:
         raise UserError(f'random codes have m={a.shape[1]}, enrolled codes m={b.shape[1]}')
-    accepted = sum(int(np.count_nonzero(
-        np.count_nonzero(a[i:i + chunk, None, :] != b[None], axis=2) < threshold))
-        for i in range(0, len(a), chunk))
+    from modules.evaluations import distance_matrix
+    accepted = sum(int(np.count_nonzero(distance_matrix(a[i:i + chunk], b, 'Hamming') < threshold))
+                   for i in range(0, len(a), chunk))
     return accepted / (len(a) * len(b))
 
 
