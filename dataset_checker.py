@@ -1,9 +1,12 @@
 """Check a config's training data: decode a few batches (statistics, image grid), or --full: all of it."""
 from absl import app, flags
 
-from modules.utils import cli_guard, load_config, quiet_tensorflow
+from modules import config
+from modules.config import load_config
+from modules.utils import cli_guard, quiet_tensorflow
 
-flags.DEFINE_string('cfg_path', './configs/arc_res50.yaml', 'config file path (stage 1 or 2)')
+config.define_cfg_path(1, 'config file path (stage 1 or 2)')
+flags.adopt_module_key_flags(config)  # --cfg_path listed by --help as the script's own
 flags.DEFINE_integer('num_batches', 2, 'number of batches to decode')
 flags.DEFINE_string('output', 'logs/dataset_check.png', 'PNG grid of up to 32 images')
 flags.DEFINE_boolean('augment', True, 'show the training augmentations (--noaugment: plain images)')

@@ -12,18 +12,12 @@ import os
 import numpy as np
 from absl import app, flags
 
-from modules.utils import (
-    STAGE2_REQUIRED,
-    UserError,
-    atomic_output,
-    cli_guard,
-    load_config,
-    log_dir,
-    quiet_tensorflow,
-)
+from modules import config
+from modules.config import STAGE2_REQUIRED, load_config, log_dir
+from modules.utils import UserError, atomic_output, cli_guard, quiet_tensorflow
 
-flags.DEFINE_string('cfg_path', './configs/config_15/cfg15_allloss_res100_512x8.yaml',
-                    'stage-2 config file path')
+config.define_cfg_path(2, 'stage-2 config file path')
+flags.adopt_module_key_flags(config)  # --cfg_path listed by --help as the script's own
 flags.DEFINE_enum('set', 'lfw', ['lfw', 'agedb_30', 'cfp_fp'], 'verification set to use')
 flags.DEFINE_integer('num_keys', 5, 'random permutation keys to hash under (at least 2)')
 flags.DEFINE_integer('seed', 0, 'seed of the random keys')
@@ -156,7 +150,7 @@ def main(_):
         trained_iom_layers,
         with_perm_key,
     )
-    from modules.protection import (
+    from modules.protection.measures import (
         evaluate_protection,
         key_change_verdict,
         like_real_embeddings,
@@ -219,7 +213,7 @@ def _fars(values):
 
 def run_attacks(cfg, model, embeddings, issame, fars, out_dir):
     """Run the stolen-key attacks, print their table, write the JSON and the histogram plot."""
-    from modules.attacks import attack_report
+    from modules.protection.attacks import attack_report
     if FLAGS.victims < 2 or FLAGS.attack_keys < 1:
         raise UserError('--victims must be at least 2 and --attack_keys at least 1')
     report = attack_report(model, embeddings, issame, FLAGS.victims, FLAGS.attack_keys,

@@ -7,10 +7,12 @@ import os
 
 from absl import app, flags
 
-from modules.utils import STAGE2_REQUIRED, UserError, cli_guard, load_config, quiet_tensorflow
+from modules import config
+from modules.config import STAGE2_REQUIRED, load_config
+from modules.utils import UserError, cli_guard, quiet_tensorflow
 
-flags.DEFINE_string('cfg_path', './configs/config_15/cfg15_allloss_res100_512x8.yaml',
-                    'stage-2 config file path')
+config.define_cfg_path(2, 'stage-2 config file path')
+flags.adopt_module_key_flags(config)  # --cfg_path listed by --help as the script's own
 flags.DEFINE_enum('format', 'saved_model', ['saved_model', 'tflite', 'onnx'], 'export format')
 flags.DEFINE_string('output', None, 'output file (tflite, onnx) or folder (saved_model)')
 flags.DEFINE_bool('embedding', False, 'export the float embedding model (N, embd_shape) instead '
@@ -24,12 +26,12 @@ def main(_):
     """Load the model, export it and print the parity with the Keras model."""
     if not FLAGS.output:
         raise UserError('--output is required')
-    from modules.weights.export import check_options
+    from modules.deploy.export import check_options
     check_options(FLAGS.format, FLAGS.quantize)
     cfg = load_config(FLAGS.cfg_path, STAGE2_REQUIRED)
     quiet_tensorflow()
+    from modules.deploy.export import export_model, parity_images
     from modules.models import load_iom_model
-    from modules.weights.export import export_model, parity_images
     size = cfg['input_size']
     images = parity_images(size)  # bad sample photos fail before the model is built
     model = load_iom_model(cfg)

@@ -17,19 +17,21 @@ import sys
 
 from absl import app, flags
 
-from modules import gallery as gallery_lib
+from modules import config
+from modules.deploy import flags as gallery_flags
 from modules.utils import UserError, cli_guard
 
 COMMANDS = ('init', 'enroll', 'enroll_dir', 'verify', 'identify', 'revoke', 'rekey', 'list')
-flags.DEFINE_string('cfg_path', None, 'init: stage-2 config of the hashing model (later commands '
+config.define_cfg_path(None, 'init: stage-2 config of the hashing model (later commands '
                     'use the one recorded in the database unless given)')
+flags.adopt_module_key_flags(config)  # --cfg_path listed by --help as the script's own
 flags.DEFINE_string('name', None, 'subject name (enroll, verify, revoke)')
 flags.DEFINE_string('image', None, 'face photo: a 112x112 aligned crop or a photograph (aligned '
                     'with modules.align, see --align)')
 flags.DEFINE_string('input_dir', None, 'enroll_dir: one sub-folder of photos per subject')
 flags.DEFINE_integer('top_k', 5, 'identify: number of closest templates to print', lower_bound=1)
-gallery_lib.define_gallery_flags()
-flags.adopt_module_key_flags(gallery_lib)  # listed by --help like the script's own
+gallery_flags.define_gallery_flags()
+flags.adopt_module_key_flags(gallery_flags)  # listed by --help like the script's own
 flags.DEFINE_enum('key_mode', 'application', ['application', 'subject'], 'init: one application '
                   'key file beside the database (1:1 and 1:N), or a key per subject that only the '
                   'subject holds (1:1 only)')
@@ -53,7 +55,7 @@ def _when(ts):
 
 def _subject_key(gallery, command):
     """The subject key of a subject-key gallery's enroll / verify (None for application keys)."""
-    from modules.gallery import read_key
+    from modules.deploy.keys import read_key
     if not gallery.subject_keys:
         for name in ('key_out', 'subject_key'):
             if getattr(FLAGS, name) is not None:
@@ -71,13 +73,13 @@ def _subject_key(gallery, command):
 
 
 def _threshold(cfg):
-    from modules.gallery import decision_threshold
+    from modules.deploy.decision import decision_threshold
     return decision_threshold(cfg, FLAGS.threshold, FLAGS.far)
 
 
 def _enroll_one(gallery, hasher, key):
     """Enrol --image for --name; a new subject of a subject-key gallery gets a new key file."""
-    from modules.gallery import new_key, write_key
+    from modules.deploy.keys import new_key, write_key
     fresh = gallery.subject_keys and key is None
     if fresh:
         key = new_key()
@@ -99,8 +101,14 @@ def _enroll_one(gallery, hasher, key):
 @cli_guard
 def main(argv):
     """Dispatch the sub-command."""
-    from modules.gallery import Gallery, accepts
-    from modules.hashing import enroll_folders, identity_folders, init_with_model, open_with_model
+    from modules.deploy.decision import accepts
+    from modules.deploy.gallery import Gallery
+    from modules.deploy.hashing import (
+        enroll_folders,
+        identity_folders,
+        init_with_model,
+        open_with_model,
+    )
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise UserError(f"give one sub-command: {', '.join(COMMANDS)} (got {' '.join(argv[1:])!r})")
     command = argv[1]
@@ -167,8 +175,8 @@ def main(argv):
     elif command == 'rekey':
         gallery = Gallery.open(FLAGS.db, FLAGS.key_file)
         if not gallery.subject_keys:
-            from modules.gallery import check_key_change
-            from modules.utils import STAGE2_REQUIRED, load_config
+            from modules.config import STAGE2_REQUIRED, load_config
+            from modules.deploy.hashing import check_key_change
             check_key_change(load_config(FLAGS.cfg_path or gallery.meta['cfg_path'],
                                          STAGE2_REQUIRED))
         old = gallery.meta['key_id']

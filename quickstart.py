@@ -11,7 +11,8 @@ import time
 
 from absl import app, flags
 
-from modules.utils import STAGE2_REQUIRED, UserError, cli_guard, load_config, log_dir
+from modules.config import STAGE2_REQUIRED, load_config, log_dir
+from modules.utils import UserError, cli_guard
 
 flags.DEFINE_string('stage1_cfg', 'configs/quickstart_stage1.yaml', 'stage-1 config')
 flags.DEFINE_string('stage2_cfg', 'configs/quickstart_stage2.yaml', 'stage-2 config')

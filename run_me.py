@@ -3,11 +3,13 @@ import os
 
 from absl import app, flags
 
+from modules import config
 from modules.align import ALIGN_MODES
-from modules.utils import STAGE2_REQUIRED, cli_guard, load_config, quiet_tensorflow
+from modules.config import STAGE2_REQUIRED, load_config
+from modules.utils import cli_guard, quiet_tensorflow
 
-flags.DEFINE_string('cfg_path', './configs/config_15/cfg15_allloss_res100_512x8.yaml',
-                    'stage-2 config file path')
+config.define_cfg_path(2, 'stage-2 config file path')
+flags.adopt_module_key_flags(config)  # --cfg_path listed by --help as the script's own
 flags.DEFINE_string('sample_dir', os.path.join('data', 'samples'),
                     'folder with personA_1.jpg, personA_2.jpg and personB_1.jpg: aligned 112x112 '
                     'crops or photographs (see --align)')

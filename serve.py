@@ -14,19 +14,21 @@ import sys
 
 from absl import app, flags
 
-from modules import gallery as gallery_lib
+from modules import config
+from modules.deploy import flags as gallery_flags
 from modules.utils import UserError, cli_guard
 
-flags.DEFINE_string('cfg_path', None, 'stage-2 config of the hashing model (default: the one '
+config.define_cfg_path(None, 'stage-2 config of the hashing model (default: the one '
                     'recorded in the gallery; needed to create a new gallery)')
+flags.adopt_module_key_flags(config)  # --cfg_path listed by --help as the script's own
 flags.DEFINE_string('host', '127.0.0.1', 'address to bind (loopback: put a TLS proxy in front '
                     'for other machines, see docs/service.md)')
 flags.DEFINE_integer('port', 8000, 'TCP port', lower_bound=0, upper_bound=65535)
 flags.DEFINE_float('max_upload_mb', 10.0, 'largest request body (413 above it)', lower_bound=0.01)
 flags.DEFINE_integer('max_pixels', 40_000_000, 'largest image in pixels (413 above it: '
                      'decompression bombs)', lower_bound=1)
-gallery_lib.define_gallery_flags()
-flags.adopt_module_key_flags(gallery_lib)  # listed by --help like the script's own
+gallery_flags.define_gallery_flags()
+flags.adopt_module_key_flags(gallery_flags)  # listed by --help like the script's own
 flags.DEFINE_integer('max_batch', 64, 'most photos hashed in one model call', lower_bound=1)
 flags.DEFINE_float('batch_wait_ms', 30.0, 'longest wait of a batch for more photos (only while '
                    'fewer than recently waited at once are in it)', lower_bound=0.0)
@@ -43,7 +45,8 @@ FLAGS = flags.FLAGS
 def _token(argv):
     import datetime
 
-    from modules.gallery import Gallery, add_token, list_tokens, revoke_token
+    from modules.deploy.gallery import Gallery
+    from modules.deploy.tokens import add_token, list_tokens, revoke_token
     if len(argv) != 3 or argv[2] not in ('add', 'list', 'revoke'):
         raise UserError('give one token command: add, list, revoke')
     if FLAGS.db is None:
@@ -71,9 +74,11 @@ def _token(argv):
 def _serve():
     import uvicorn
 
-    from modules.gallery import decision_threshold, gallery_exists
-    from modules.hashing import init_with_model, open_with_model
-    from modules.service import Settings, create_app
+    from modules.deploy.decision import decision_threshold
+    from modules.deploy.gallery import gallery_exists
+    from modules.deploy.hashing import init_with_model, open_with_model
+    from modules.deploy.service.app import create_app
+    from modules.deploy.service.state import Settings
     if FLAGS.db is None:
         raise UserError('serve.py needs --db (a gallery database, created when missing)')
     if not gallery_exists(FLAGS.db):

@@ -1,9 +1,12 @@
 """Evaluate a stage-1 ArcFace model (float embeddings) on LFW / AgeDB-30 / CFP-FP."""
 from absl import app, flags
 
-from modules.utils import TEST_REQUIRED, cli_guard, load_config, log_dir, quiet_tensorflow
+from modules import config
+from modules.config import TEST_REQUIRED, load_config, log_dir
+from modules.utils import cli_guard, quiet_tensorflow
 
-flags.DEFINE_string('cfg_path', './configs/arc_res50.yaml', 'stage-1 config file path')
+config.define_cfg_path(1, 'stage-1 config file path')
+flags.adopt_module_key_flags(config)  # --cfg_path listed by --help as the script's own
 flags.DEFINE_string('gpu', None, "GPUs to use, e.g. '0' (default: all visible)")
 FLAGS = flags.FLAGS
 

@@ -5,17 +5,12 @@ import time
 
 from absl import app, flags
 
-from modules.utils import (
-    STAGE2_REQUIRED,
-    TEST_REQUIRED,
-    UserError,
-    cli_guard,
-    load_config,
-    log_dir,
-    quiet_tensorflow,
-)
+from modules import config
+from modules.config import STAGE2_REQUIRED, TEST_REQUIRED, load_config, log_dir
+from modules.utils import UserError, cli_guard, quiet_tensorflow
 
-flags.DEFINE_string('cfg_path', None, 'stage-1 config (a stage-2 config with --iom)')
+config.define_cfg_path(None, 'stage-1 config (a stage-2 config with --iom)')
+flags.adopt_module_key_flags(config)  # --cfg_path listed by --help as the script's own
 flags.DEFINE_string('ijb_root', None, 'folder holding IJBC/ and IJBB/ (InsightFace IJB_release)')
 flags.DEFINE_enum('dataset', 'IJBC', ['IJBC', 'IJBB'], 'which IJB set')
 flags.DEFINE_bool('iom', False, 'also hash the templates with the stage-2 model and compare the '

@@ -4,17 +4,12 @@ import os
 
 from absl import app, flags
 
-from modules.utils import (
-    STAGE2_REQUIRED,
-    atomic_output,
-    cli_guard,
-    load_config,
-    log_dir,
-    quiet_tensorflow,
-)
+from modules import config
+from modules.config import STAGE2_REQUIRED, load_config, log_dir
+from modules.utils import atomic_output, cli_guard, quiet_tensorflow
 
-flags.DEFINE_string('cfg_path', './configs/config_15/cfg15_allloss_res100_512x8.yaml',
-                    'stage-2 config file path')
+config.define_cfg_path(2, 'stage-2 config file path')
+flags.adopt_module_key_flags(config)  # --cfg_path listed by --help as the script's own
 flags.DEFINE_enum('measure', 'Hamming', ['Hamming', 'Euclidean', 'Jaccard'],
                   'distance between IoM codes')
 flags.DEFINE_bool('isLUT', False, 'compare the log2(q)-bit LUT binarisation of the codes (Hamming '

@@ -1,9 +1,12 @@
 """Stage 1: train the ArcFace backbone described by a YAML config."""
 from absl import app, flags
 
-from modules.utils import cli_guard, float16_without_onednn, load_config, quiet_tensorflow
+from modules import config
+from modules.config import load_config
+from modules.utils import cli_guard, float16_without_onednn, quiet_tensorflow
 
-flags.DEFINE_string('cfg_path', './configs/arc_res50.yaml', 'config file path')
+config.define_cfg_path(1, 'config file path')
+flags.adopt_module_key_flags(config)  # --cfg_path listed by --help as the script's own
 flags.DEFINE_enum('mode', 'eager_tf', ['fit', 'eager_tf'],
                   'fit: Keras model.fit; eager_tf: custom loop with tf.GradientTape in tf.function')
 flags.DEFINE_string('gpu', None, "GPUs to use, e.g. '0' or '0,1' (default: all visible)")

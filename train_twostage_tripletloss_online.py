@@ -1,10 +1,12 @@
 """Stage 2: learn Deep IoM hashing on top of the frozen stage-1 embedding model."""
 from absl import app, flags
 
-from modules.utils import STAGE2_REQUIRED, cli_guard, load_config, quiet_tensorflow
+from modules import config
+from modules.config import STAGE2_REQUIRED, load_config
+from modules.utils import cli_guard, quiet_tensorflow
 
-flags.DEFINE_string('cfg_path', './configs/config_15/cfg15_allloss_res100_512x8.yaml',
-                    'stage-2 config file path')
+config.define_cfg_path(2, 'stage-2 config file path')
+flags.adopt_module_key_flags(config)  # --cfg_path listed by --help as the script's own
 flags.DEFINE_string('gpu', None, "GPUs to use, e.g. '0' or '0,1' (default: all visible)")
 FLAGS = flags.FLAGS
 

@@ -50,7 +50,7 @@ def time_attack(run, stack, codes, setup=None):
 
 def main(_):
     """Time both attacks on a linear stack and the gradient attack on a '3' stack."""
-    from modules.attacks import gradient_preimage, lp_preimage, random_key
+    from modules.protection.attacks import gradient_preimage, lp_preimage, random_key
     from tests.test_attacks import built_stack, clustered, stack_cfg
     rng = np.random.default_rng(0)
     x, _ = clustered(FLAGS.victims, 1, d=512)

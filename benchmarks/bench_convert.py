@@ -26,7 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, 'tests'))  # the format writers of the weight tests
 
-from modules.utils import INSIGHT_UNITS, cli_guard, quiet_tensorflow  # noqa: E402
+from modules.config import INSIGHT_UNITS  # noqa: E402
+from modules.utils import cli_guard, quiet_tensorflow  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum('backbone', 'Insight_ResNet100', list(INSIGHT_UNITS), 'network depth')

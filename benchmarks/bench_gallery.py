@@ -7,7 +7,7 @@ Run: .venv/bin/python benchmarks/bench_gallery.py [--num_codes 1000000 --m 512 -
    transaction (COPY on PostgreSQL): codes/s. SQLite always; PostgreSQL too with --db.
 2. `identify` on a freshly opened gallery: cold (first call, reads the code matrix from the
    database) and warm (the cached matrix; the backends interleaved, median of `--repeats`),
-   against `modules.search.search` on the same codes as an in-memory array in the same run.
+   against `modules.deploy.search.search` on the same codes as an in-memory array in the same run.
 3. DB size per template (SQLite after a WAL checkpoint; PostgreSQL tables and indexes).
 4. With --revocability_cfg: faces hashed under a gallery's key, the gallery re-keyed, the same
    faces hashed again: Hamming distance between each face's old and new code, against the
@@ -23,10 +23,11 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from modules.gallery import Gallery, gallery_exists  # noqa: E402
-from modules.gallery_store import TABLES, PostgresStore, is_postgres, open_store  # noqa: E402
-from modules.search import search  # noqa: E402
-from modules.utils import STAGE2_REQUIRED, UserError, cli_guard, load_config  # noqa: E402
+from modules.config import STAGE2_REQUIRED, load_config  # noqa: E402
+from modules.deploy.gallery import Gallery, gallery_exists  # noqa: E402
+from modules.deploy.search import search  # noqa: E402
+from modules.deploy.store import TABLES, PostgresStore, is_postgres, open_store  # noqa: E402
+from modules.utils import UserError, cli_guard  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('num_codes', 1_000_000, 'templates to enrol')
@@ -127,7 +128,7 @@ def scale(work):
         for label, times in warm.items():
             median = float(np.median(times))
             print(f'{label}: warm identify at N = {n:,}: median {median * 1e3:.1f} ms of '
-                  f'{FLAGS.repeats}; bare modules.search on the in-memory array '
+                  f'{FLAGS.repeats}; bare modules.deploy.search on the in-memory array '
                   f'{bare * 1e3:.1f} ms (warm / bare = {median / bare:.2f})')
         if 'postgresql' in warm:
             ratio = float(np.median(warm['postgresql']) / np.median(warm['sqlite']))
@@ -157,9 +158,9 @@ def revocability(work, cfg_path):
     """Old vs new code of the same faces across a gallery rekey, on a trained model."""
     from modules.utils import quiet_tensorflow
     quiet_tensorflow()
+    from modules.deploy.decision import decision_threshold
+    from modules.deploy.hashing import Hasher
     from modules.evaluations import pair_distances
-    from modules.gallery import decision_threshold
-    from modules.hashing import Hasher
     cfg = load_config(cfg_path, STAGE2_REQUIRED)
     threshold, source = decision_threshold(cfg)
     gallery = Gallery.create(os.path.join(work, 'revoke.sqlite'), cfg_path, cfg['m'], cfg['q'],

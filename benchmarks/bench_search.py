@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python benchmarks/bench_search.py [--num_gallery 1000000 --m 512 --q 8 ...]
 
-Two throughputs are reported for `modules.search.search`:
+Two throughputs are reported for `modules.deploy.search.search`:
 - effective scan rate: num_probes * N * m gallery bytes compared per second (what a one-probe-at-a-
   time scan would have to read), and
 - memory read rate: N * m / time, the gallery bytes actually read from memory (each gallery byte is
@@ -19,7 +19,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from modules.search import DEFAULT_CHUNK_SIZE, search, search_reference  # noqa: E402
+from modules.deploy.search import DEFAULT_CHUNK_SIZE, search, search_reference  # noqa: E402
 from modules.utils import UserError, cli_guard  # noqa: E402
 
 FLAGS = flags.FLAGS

@@ -29,7 +29,8 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from modules.utils import STAGE2_REQUIRED, UserError, cli_guard, load_config  # noqa: E402
+from modules.config import STAGE2_REQUIRED, load_config  # noqa: E402
+from modules.utils import UserError, cli_guard  # noqa: E402
 from tests.workers import free_port  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -132,8 +133,9 @@ def main(_):
     """Build the gallery, start the server, measure, print the table."""
     import cv2
 
-    from modules.gallery import Gallery, add_token
-    from modules.hashing import Hasher
+    from modules.deploy.gallery import Gallery
+    from modules.deploy.hashing import Hasher
+    from modules.deploy.tokens import add_token
     from modules.utils import quiet_tensorflow
     cfg = load_config(FLAGS.cfg_path, STAGE2_REQUIRED)
     paths = sorted(glob.glob(os.path.join(FLAGS.faces, '**', '*.jpg'), recursive=True))

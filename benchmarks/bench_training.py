@@ -114,9 +114,9 @@ def build_tf_keras_reference(backbone):
 
 def build_stage2(variant):
     """(step, inputs) of the stage-2 step: images through the frozen MobileNetV2, IoM m=512 q=8."""
+    from modules.config import STAGE2_REQUIRED, validate_config
     from modules.losses import IoMLoss
     from modules.training import Stage2Model
-    from modules.utils import STAGE2_REQUIRED, validate_config
     cfg = validate_config(dict(
         batch_size=BATCH, classes_per_batch=16, samples_per_class=4, backbone_type='MobileNetV2',
         head_type='IoMHead', use_pretrain=False, train_dataset='unused', num_classes=CLASSES,
@@ -166,8 +166,8 @@ def time_steps(step, inputs, steps, warmup):
 
 def trainer_throughput(backbone, variant, work, steps, warmup):
     """images/s that train_stage1 reports for a run of warmup + steps steps (steady state)."""
+    from modules.config import validate_config
     from modules.training import train_stage1
-    from modules.utils import validate_config
     name = f'trainer_{backbone}_{variant}_{time.monotonic_ns()}'
     cfg = validate_config(dict(
         batch_size=BATCH, backbone_type=backbone, head_type='ArcHead', use_pretrain=False,

@@ -8,8 +8,8 @@ import warnings
 
 import tensorflow as tf
 
+from modules.config import INSIGHT_BN_EPS, INSIGHT_FILTERS, INSIGHT_UNITS
 from modules.layers import FusedBatchNormalization
-from modules.utils import INSIGHT_UNITS
 
 layers = tf.keras.layers
 
@@ -18,8 +18,6 @@ _IMAGENET_FILES = {
     'ResNet50': 'resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5',
     'MobileNetV2': 'mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5',
 }
-INSIGHT_FILTERS = (64, 128, 256, 512)
-BN_EPS = 2e-5  # MXNet's BatchNorm epsilon, kept so converted weights reproduce the original
 BN_MOMENTUM = 0.9
 
 
@@ -70,7 +68,7 @@ def _with_fused_batch_norm(net):
 
 
 def _bn(name, scale=True):
-    return FusedBatchNormalization(epsilon=BN_EPS, momentum=BN_MOMENTUM, scale=scale, name=name)
+    return FusedBatchNormalization(epsilon=INSIGHT_BN_EPS, momentum=BN_MOMENTUM, scale=scale, name=name)
 
 
 def _ir_unit(x, filters, stride, dim_match, prefix, w_decay):

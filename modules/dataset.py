@@ -6,8 +6,7 @@ folders that hold at least one image (so labels are always 0..num_identities-1).
 
 Every pipeline yields `(images, labels)`: images RGB float32 in [0, 1] of shape
 (batch, 112, 112, 3), labels int64. Images whose decoded size is not 112x112 (e.g. VGGFace2-style
-folders, config `dataset_ext: 'vgg'`) are resized to 112x112, so both `dataset_ext` flavours are
-accepted.
+folders) are resized to 112x112.
 
 TensorFlow and OpenCV are imported inside the functions that need them, so that
 `pk_index_batches` (pure numpy, also used on cached embeddings) stays cheap to import.

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 
+from modules.config import setting
 from modules.dataset import (
     SCAN_LIMIT_BYTES,
     BadImages,
@@ -58,18 +59,18 @@ def check_dataset(cfg, num_batches=2, output_path='logs/dataset_check.png', augm
     if num_batches < 1:
         raise UserError(f'--num_batches must be positive, got {num_batches}')
     source = cfg['train_dataset']
-    is_ccrop = cfg.get('is_ccrop', False)
+    is_ccrop = setting(cfg, 'is_ccrop')
     if os.path.isdir(source):
-        dataset = load_pk_dataset(source, cfg.get('classes_per_batch', 50),
-                                  cfg.get('samples_per_class', 4), img_ext=cfg.get('img_ext'),
+        dataset = load_pk_dataset(source, setting(cfg, 'classes_per_batch'),
+                                  setting(cfg, 'samples_per_class'), img_ext=setting(cfg, 'img_ext'),
                                   is_ccrop=is_ccrop, augment=augment)[0]
         kind = 'identity folders (PK batches)'
     else:
         dataset = load_tfrecord_dataset(source, cfg['batch_size'],
-                                        binary_img=cfg.get('binary_img', True), is_ccrop=is_ccrop,
-                                        buffer_size=cfg.get('shuffle_buffer', 10240),
+                                        binary_img=setting(cfg, 'binary_img'), is_ccrop=is_ccrop,
+                                        buffer_size=setting(cfg, 'shuffle_buffer'),
                                         augment=augment, seed=0)
-        kind = f"TFRecord ({'binary' if cfg.get('binary_img', True) else 'image paths'})"
+        kind = f"TFRecord ({'binary' if setting(cfg, 'binary_img') else 'image paths'})"
     print(f'checking {source}: {kind}')
     shown_images, shown_labels = [], []
     lows, highs, label_lows, label_highs = [], [], [], []
@@ -125,7 +126,7 @@ def full_check(cfg, report_path='logs/dataset_full_check.txt', batch_size=256):
 
     source = cfg['train_dataset']
     if os.path.isdir(source):
-        folders = list_identity_folders(source, cfg.get('img_ext'))
+        folders = list_identity_folders(source, setting(cfg, 'img_ext'))
         paths = [folders.path(i) for i in range(folders.num_images)]
 
         def check_files(paths):
@@ -135,7 +136,7 @@ def full_check(cfg, report_path='logs/dataset_full_check.txt', batch_size=256):
             check_files, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
         checked, bad = _scan_flags(dataset.prefetch(2), len(paths), 'check images')
     else:
-        binary_img = cfg.get('binary_img', True)
+        binary_img = setting(cfg, 'binary_img')
         _require_file(source)
         _check_tfrecord_flavour(source, binary_img)
         total, damage = None, None

@@ -76,14 +76,27 @@ class FusedBatchNormalization(tf.keras.layers.BatchNormalization):
 
 # ---------------------------------------------------------------------------------------------
 @tf.keras.utils.register_keras_serializable(package=_PACKAGE)
+def arc_margin_logits(cos_t, is_target, margin, scale):
+    """ArcFace logits: s*cos(t + m) where `is_target`, s*cos(t) elsewhere.
+
+    cos(t + m) = cos t cos m - sin t sin m, with sin t = sqrt(1 - cos^2 t). Where t + m would pass
+    pi (cos t <= cos(pi - m)) cos(t + m) stops decreasing in t, so the logit falls back to the
+    monotone `cos t - m sin(pi - m)` (= cos t - m sin m), as in InsightFace.
+    """
+    # The floor keeps d sin/d cos finite where |cos t| reaches 1.
+    sin_t = tf.sqrt(tf.clip_by_value(1.0 - tf.square(cos_t), 1e-12, 1.0))
+    cos_mt = cos_t * math.cos(margin) - sin_t * math.sin(margin)
+    cos_mt = tf.where(cos_t > math.cos(math.pi - margin), cos_mt,
+                      cos_t - math.sin(math.pi - margin) * margin)
+    return tf.where(is_target, cos_mt, cos_t) * scale
+
+
 class ArcMarginPenaltyLogists(tf.keras.layers.Layer):
     """ArcFace head: logits s*cos(t + m) for the true class and s*cos(t) for the others.
 
     Inputs: a pair (embds (batch, d) float, labels (batch,) int). The weight `w` (d, num_classes)
-    and the embeddings are L2-normalised, so cos t = <e/|e|, w_c/|w_c|>. For the true class
-    cos(t + m) = cos t cos m - sin t sin m with sin t = sqrt(1 - cos^2 t). Where t + m would pass
-    pi (cos t <= cos(pi - m)) cos(t + m) stops decreasing in t, so the logit falls back to the
-    monotone `cos t - m sin(pi - m)` (= cos t - m sin m), as in InsightFace.
+    and the embeddings are L2-normalised, so cos t = <e/|e|, w_c/|w_c|>; the margin is applied by
+    `arc_margin_logits`.
     """
 
     def __init__(self, num_classes, margin=0.5, logist_scale=64, **kwargs):
@@ -96,10 +109,6 @@ class ArcMarginPenaltyLogists(tf.keras.layers.Layer):
         if self.logist_scale <= 0:
             raise UserError(f'ArcMarginPenaltyLogists logist_scale must be > 0, got '
                             f'{logist_scale!r}')
-        self.cos_m = math.cos(self.margin)
-        self.sin_m = math.sin(self.margin)
-        self.th = math.cos(math.pi - self.margin)
-        self.mm = math.sin(math.pi - self.margin) * self.margin
 
     def build(self, input_shape):
         """Create the class-centre weight from the embedding size."""
@@ -114,14 +123,10 @@ class ArcMarginPenaltyLogists(tf.keras.layers.Layer):
         normed_embds = tf.math.l2_normalize(embds, axis=1)
         normed_w = tf.math.l2_normalize(tf.cast(self.w, tf.float32), axis=0)
         cos_t = tf.matmul(normed_embds, normed_w)
-        # The floor keeps d sin/d cos finite where |cos t| reaches 1.
-        sin_t = tf.sqrt(tf.clip_by_value(1.0 - tf.square(cos_t), 1e-12, 1.0))
-        cos_mt = cos_t * self.cos_m - sin_t * self.sin_m
-        cos_mt = tf.where(cos_t > self.th, cos_mt, cos_t - self.mm)
         labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
         is_target = tf.one_hot(labels, depth=self.num_classes, on_value=True, off_value=False,
                                dtype=tf.bool)
-        return tf.where(is_target, cos_mt, cos_t) * self.logist_scale
+        return arc_margin_logits(cos_t, is_target, self.margin, self.logist_scale)
 
     def compute_output_shape(self, input_shape):
         """(batch, num_classes)."""

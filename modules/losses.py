@@ -12,6 +12,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from modules.config import setting
 from modules.layers import expected_index
 from modules.utils import UserError
 
@@ -249,26 +250,19 @@ class IoMLoss:
     TERMS = ('metric', 'l2', 'quanti', 'bin_lut', 'code_balance')
 
     def __init__(self, cfg, arc_scale=32.0):
-        loss_fun = cfg.get('loss_fun', 'batch_hard_arc_triplet_loss')
-        if loss_fun not in METRIC_LOSSES:
-            raise UserError(f"config key 'loss_fun' is {loss_fun!r}; allowed: "
-                            + ', '.join(METRIC_LOSSES))
-        self.loss_fun = loss_fun
-        self.metric_fn = METRIC_LOSSES[loss_fun]
-        self.margin = float(cfg.get('triplet_margin', 0.0))
+        # cfg is validated (loss_fun and bin_lut_loss among their choices); partial configs get
+        # the SCHEMA defaults.
+        self.loss_fun = setting(cfg, 'loss_fun')
+        self.metric_fn = METRIC_LOSSES[self.loss_fun]
+        self.margin = float(setting(cfg, 'triplet_margin'))
         self.arc_scale = float(arc_scale)
-        self.use_quanti = bool(cfg.get('quanti', True))
-        self.use_code_balance = bool(cfg.get('code_balance_loss', True))
-        self.bin_lut_kind = cfg.get('bin_lut_loss', 'tanh')
-        self.q = cfg.get('q', 8)
-        if self.bin_lut_kind not in BIN_LUT_KINDS:
-            raise UserError(f"config key 'bin_lut_loss' is {self.bin_lut_kind!r}; allowed: "
-                            + ', '.join(BIN_LUT_KINDS))
+        self.use_quanti = bool(setting(cfg, 'quanti'))
+        self.use_code_balance = bool(setting(cfg, 'code_balance_loss'))
+        self.bin_lut_kind = setting(cfg, 'bin_lut_loss')
+        self.q = setting(cfg, 'q')
         if self.bin_lut_kind != 'none':
             _bits_of_indices(self.q)  # a bad q fails at construction, not mid-training
-        self.weights = {name: float(cfg.get(f'{name}_weight', default)) for name, default in
-                        (('metric', 1.0), ('l2', 0.5), ('quanti', 0.5), ('bin_lut', 0.001),
-                         ('code_balance', 1.0))}
+        self.weights = {name: float(setting(cfg, f'{name}_weight')) for name in self.TERMS}
 
     def __call__(self, labels, codes, probs, l2=0.0):
         """Return (total, {term: unweighted value}) for one batch; disabled terms are 0."""

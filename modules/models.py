@@ -4,7 +4,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from modules.backbones import BN_MOMENTUM, INSIGHT_UNITS, Backbone
+from modules.backbones import BN_MOMENTUM, Backbone
+from modules.config import INSIGHT_UNITS, setting
 from modules.layers import (
     ArcMarginPenaltyLogists,
     FusedBatchNormalization,
@@ -102,14 +103,14 @@ def load_backbone_weights(arcface_model, cfg, run=None):
     `run` names the stage-1 run (default: the config's stage1_sub_name, else the original's run
     for the backbone). Returns what was loaded, or None (after a warning) if nothing was found.
     """
-    run = run or cfg.get('stage1_sub_name') or DEFAULT_STAGE1_RUN[cfg['backbone_type']]
+    run = run or setting(cfg, 'stage1_sub_name') or DEFAULT_STAGE1_RUN[cfg['backbone_type']]
     ckpt = latest_checkpoint(os.path.join('checkpoints', run))
     if ckpt:
         stage1_checkpoint(arcface_model).restore(ckpt).expect_partial()
         return f'stage-1 checkpoint {ckpt}'
     where = f'no stage-1 checkpoint in checkpoints/{run}/'
     if cfg['backbone_type'] in INSIGHT_UNITS:
-        path = cfg.get('pretrained_weights') or DEFAULT_INSIGHT_WEIGHTS[cfg['backbone_type']]
+        path = setting(cfg, 'pretrained_weights') or DEFAULT_INSIGHT_WEIGHTS[cfg['backbone_type']]
         if os.path.isfile(path):
             from modules.weights import apply_identity_output_layer, load_npy_weights
             backbone, output_layer = embedding_parts(arcface_model)
@@ -139,7 +140,7 @@ def IoMFaceModel(cfg, arcface_model=None, perm_key=None, name='IoMface_model'):
     size = cfg['input_size']
     inputs = layers.Input([size, size, 3], name='input_image')
     x = arcface_model(inputs)
-    for layer in iom_layers(cfg, cfg.get('perm_key') if perm_key is None else perm_key):
+    for layer in iom_layers(cfg, setting(cfg, 'perm_key') if perm_key is None else perm_key):
         x = layer(x)
     return tf.keras.Model(inputs, x, name=name)
 
@@ -154,7 +155,7 @@ def iom_layers(cfg, perm_key=None):
     """
     perm = PermLayer(perm_key, name='perm_layer')
     hidden = iom_hidden_layers(cfg['hidden_layer_remark'])
-    front = [perm] + hidden if cfg.get('perm_position', 'projection') == 'input' else hidden + [perm]
+    front = [perm] + hidden if setting(cfg, 'perm_position') == 'input' else hidden + [perm]
     return front + [IoMProjection(cfg['m'], cfg['q']),
                     IoMHead(cfg['m'], cfg['q'], T=cfg['T'], name='IoMHead')]
 
@@ -162,12 +163,12 @@ def iom_layers(cfg, perm_key=None):
 def check_rekeyable(cfg):
     """UserError when the model of `cfg` works only under the key it was trained with: hidden
     layers after the permutation."""
-    if (cfg.get('perm_position', 'projection') == 'input'
+    if (setting(cfg, 'perm_position') == 'input'
             and cfg['hidden_layer_remark'] not in ('1', 'T1')):
         raise UserError(
             f"{cfg['sub_name']}: its hidden layers ('{cfg['hidden_layer_remark']}') come after the "
             "key permutation (perm_position: input), so its codes are valid only under the key "
-            f"it was trained with (perm_key {cfg.get('perm_key')}); a gallery key or a new key "
+            f"it was trained with (perm_key {setting(cfg, 'perm_key')}); a gallery key or a new key "
             'means training stage 2 again with perm_position: projection (the default), about '
             "a minute for the quickstart's 400 steps with cache_embeddings on 2 CPU cores")
 

@@ -23,6 +23,7 @@ import math
 
 import tensorflow as tf
 
+from modules.layers import arc_margin_logits
 from modules.utils import UserError
 
 MOMENTUM = 0.9  # as modules.training.make_optimizer: SGD, Nesterov momentum 0.9
@@ -80,9 +81,6 @@ class PartialFCHead(tf.__internal__.tracking.Trackable):
                                                           name=f'{name}_momentum_{rid}')
         # Steps drawn so far: with `seed` and the replica id it seeds the negative sampling.
         self.draws = tf.Variable(0, dtype=tf.int64, trainable=False, name='partial_fc_draws')
-        self.cos_m, self.sin_m = math.cos(self.margin), math.sin(self.margin)
-        self.th = math.cos(math.pi - self.margin)
-        self.mm = math.sin(math.pi - self.margin) * self.margin
 
     @classmethod
     def from_config(cls, cfg, strategy):
@@ -142,10 +140,7 @@ class PartialFCHead(tf.__internal__.tracking.Trackable):
         if self.head_type == 'ArcHead':
             cos_t = tf.matmul(tf.math.l2_normalize(all_embds, axis=1),
                               tf.math.l2_normalize(rows[0], axis=1), transpose_b=True)
-            sin_t = tf.sqrt(tf.clip_by_value(1.0 - tf.square(cos_t), 1e-12, 1.0))
-            cos_mt = cos_t * self.cos_m - sin_t * self.sin_m
-            cos_mt = tf.where(cos_t > self.th, cos_mt, cos_t - self.mm)
-            logits = tf.where(is_target, cos_mt, cos_t) * self.logist_scale
+            logits = arc_margin_logits(cos_t, is_target, self.margin, self.logist_scale)
             decay = 0.0
         else:
             logits = tf.matmul(all_embds, rows[0], transpose_b=True) + rows[1][None, :]

@@ -17,8 +17,9 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
+from modules.config import checkpoint_dir, log_dir
 from modules.dataset import BadImageError
-from modules.utils import UserError, checkpoint_dir, log_dir
+from modules.utils import UserError
 
 
 def configure_devices(gpu=None, cpu_devices=None):

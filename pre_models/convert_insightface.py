@@ -20,12 +20,8 @@ from absl import app, flags  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from modules.utils import (  # noqa: E402
-    INSIGHT_UNITS,
-    UserError,
-    atomic_path,
-    cli_guard,
-)
+from modules.config import INSIGHT_UNITS  # noqa: E402
+from modules.utils import UserError, atomic_path, cli_guard  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('input', None, 'model.onnx, backbone.pth, or an MXNet checkpoint prefix '

@@ -4,15 +4,12 @@ import pytest
 import tensorflow as tf
 
 from modules import evaluations as ev
-from modules.attacks import KeyedStack, attack_report, gradient_preimage, lp_preimage
+from modules.config import validate_config
 from modules.layers import key_permutation
 from modules.models import check_rekeyable, iom_layers
-from modules.protection import (
-    key_change_verdict,
-    like_real_embeddings,
-    zero_effort_rate,
-)
-from modules.utils import UserError, validate_config
+from modules.protection.attacks import KeyedStack, attack_report, gradient_preimage, lp_preimage
+from modules.protection.measures import key_change_verdict, like_real_embeddings, zero_effort_rate
+from modules.utils import UserError
 
 D = 48
 
@@ -241,7 +238,7 @@ def test_gallery_refuses_a_model_its_protection_report_found_unfit_for_new_keys(
                                                                                 monkeypatch):
     import json
 
-    from modules.gallery import check_key_change
+    from modules.deploy.hashing import check_key_change
     monkeypatch.chdir(tmp_path)
     cfg = stack_cfg('T1')
     ckpt_dir = tmp_path / 'checkpoints' / cfg['sub_name']

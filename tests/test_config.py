@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from modules.utils import STAGE2_REQUIRED, ConfigError, load_config
+from modules.config import STAGE2_REQUIRED, ConfigError, load_config
 
 BASE = """batch_size: 8
 sub_name: t

@@ -7,7 +7,8 @@ import sys
 import pytest
 import yaml
 
-from modules.utils import STAGE2_REQUIRED, UserError, load_config, native_log_lines_to_keep
+from modules.config import STAGE2_REQUIRED, load_config
+from modules.utils import UserError, native_log_lines_to_keep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_IDS, PER_ID = 4, 6

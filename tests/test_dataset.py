@@ -10,7 +10,8 @@ import tensorflow as tf
 import yaml
 
 from modules import dataset as ds
-from modules.utils import STAGE1_REQUIRED, UserError
+from modules.config import STAGE1_REQUIRED
+from modules.utils import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ('zed', 'amy', 'mia')  # created unsorted: labels must follow the sorted names
@@ -289,8 +290,8 @@ def _stage1_config(path, train_dataset, tmp_path):
 
 
 def test_check_dataset_writes_grid(records, tmp_path):
+    from modules.config import load_config
     from modules.dataset_check import check_dataset
-    from modules.utils import load_config
 
     cfg = load_config(str(_stage1_config(tmp_path / 'cfg.yaml', records[False][0], tmp_path)))
     cfg['binary_img'] = False

@@ -13,9 +13,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory):
+    from modules.config import STAGE2_REQUIRED, load_config
+    from modules.deploy.export import parity_images
     from modules.models import load_iom_model
-    from modules.utils import STAGE2_REQUIRED, load_config
-    from modules.weights.export import parity_images
     from tests.tiny_iom import make_tiny_model
     work = tmp_path_factory.mktemp('export')
     cfg_path = make_tiny_model(str(work), perm_key=1234)
@@ -30,7 +30,7 @@ def tiny(tmp_path_factory):
 
 @pytest.mark.parametrize('fmt', ['saved_model', 'tflite', 'onnx'])
 def test_code_export_matches_keras_with_a_dynamic_batch(tiny, fmt):
-    from modules.weights.export import export_model, run_export
+    from modules.deploy.export import export_model, run_export
     work, _, model, images = tiny
     output = str(work / f'iom.{fmt}')
     result = export_model(model, 112, fmt, output, images=images)
@@ -44,7 +44,7 @@ def test_code_export_matches_keras_with_a_dynamic_batch(tiny, fmt):
 
 
 def test_embedding_export(tiny):
-    from modules.weights.export import export_model, run_export
+    from modules.deploy.export import export_model, run_export
     work, _, model, images = tiny
     result = export_model(model, 112, 'saved_model', str(work / 'embd'), embedding=True,
                           images=images)
@@ -54,7 +54,7 @@ def test_embedding_export(tiny):
 
 
 def test_failed_parity_writes_nothing(tiny, monkeypatch):
-    from modules.weights import export
+    from modules.deploy import export
     work, _, model, images = tiny
     (work / 'old').mkdir()
     monkeypatch.setattr(export, 'write_export', lambda model, size, fmt, path, *a: os.mkdir(path))

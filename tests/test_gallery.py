@@ -12,8 +12,10 @@ import time
 import numpy as np
 import pytest
 
-from modules.gallery import Gallery, decision_threshold, read_key
-from modules.gallery_store import SQLiteStore
+from modules.deploy.decision import decision_threshold
+from modules.deploy.gallery import Gallery
+from modules.deploy.keys import read_key
+from modules.deploy.store import SQLiteStore
 from modules.utils import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,7 +56,7 @@ def float_run_length(data, low=1e-6, high=1e6):
 
 def gallery_bytes(db):
     """Everything the database stores: the SQLite files, or every row of every table."""
-    from modules.gallery_store import TABLES, is_postgres
+    from modules.deploy.store import TABLES, is_postgres
     if not is_postgres(db):
         return b''.join(open(p, 'rb').read() for p in (db, db + '-wal') if os.path.exists(p))
     import psycopg
@@ -122,7 +124,7 @@ def test_rekey_deletes_every_code_and_survives_a_crash_before_the_rename(tmp_pat
 _WRITER = """
 import sys
 import numpy as np
-from modules.gallery import Gallery
+from modules.deploy.gallery import Gallery
 db, worker = sys.argv[1], int(sys.argv[2])
 gallery = Gallery.open(db)
 for i in range(40):
@@ -149,8 +151,8 @@ def test_four_processes_enrolling_at_once_lose_nothing(tmp_path, new_db):
 _BULK = """
 import sys, time
 import numpy as np
-from modules.gallery import Gallery
-from modules.hashing import enroll_folders
+from modules.deploy.gallery import Gallery
+from modules.deploy.hashing import enroll_folders
 gallery = Gallery.open(sys.argv[1])
 folders = [(f's{i:03d}', [f's{i:03d}/{j}.jpg' for j in range(3)]) for i in range(150)]
 
@@ -191,7 +193,7 @@ def test_bulk_enrol_killed_with_sigkill_resumes_with_every_subject_once(tmp_path
 _ENROLLER = """
 import sys
 import numpy as np
-from modules.gallery import Gallery, KeyChanged
+from modules.deploy.gallery import Gallery, KeyChanged
 gallery = Gallery.open(sys.argv[1])
 refused, after = 0, 0
 for i in range(20000):  # until 5 enrolments after the 6th rekey
@@ -209,7 +211,7 @@ print(refused)
 """
 _REKEYER = """
 import sys, time
-from modules.gallery import Gallery
+from modules.deploy.gallery import Gallery
 gallery = Gallery.open(sys.argv[1])
 deadline = time.time() + 120
 while time.time() < deadline and gallery._read(  # every enroller is running
@@ -371,9 +373,9 @@ def test_cli_enrol_verify_identify(tiny, backend, request):
 
 
 def test_rekey_revokes_old_codes_and_another_model_is_refused(tiny, monkeypatch):
+    from modules.config import STAGE2_REQUIRED, load_config
+    from modules.deploy.hashing import Hasher
     from modules.evaluations import verification_metrics
-    from modules.hashing import Hasher
-    from modules.utils import STAGE2_REQUIRED, load_config
     from tests.tiny_iom import make_tiny_model
     work, cfg_path, faces, gids = tiny
     monkeypatch.chdir(work)
@@ -407,7 +409,7 @@ def test_rekey_revokes_old_codes_and_another_model_is_refused(tiny, monkeypatch)
 # ---------------------------------------------------------------------------------------------
 # Subject-held keys.
 def test_subject_key_gallery_stores_no_key_and_refuses_what_needs_one(tmp_path, new_db):
-    from modules.gallery import key_id, new_key
+    from modules.deploy.keys import key_id, new_key
     gallery = new_gallery(tmp_path, new_db('s.sqlite'), 'subject')
     assert gallery.subject_keys and gallery.key is None and not os.path.exists(gallery.key_file)
     codes = np.random.default_rng(0).integers(0, Q, (2, M))
@@ -439,7 +441,7 @@ def test_subject_key_gallery_stores_no_key_and_refuses_what_needs_one(tmp_path, 
 
 
 def test_cli_subject_keys_verify_with_right_wrong_and_missing_key(tiny):
-    from modules.gallery import new_key, write_key
+    from modules.deploy.keys import new_key, write_key
     work, cfg_path, _, _ = tiny
     out = gallery_cli(work, 'init', '--cfg_path', cfg_path, '--db', 'subj.sqlite',
                       '--key_mode', 'subject')

@@ -239,13 +239,13 @@ def run_script(*args, cwd, expect=0):
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
     """Configs and saved (untrained) stage-1 and stage-2 weights of a tiny model."""
+    from modules.config import STAGE2_REQUIRED, validate_config
     from modules.models import (
         IoMFaceModel,
         arcface_from_config,
         stage1_checkpoint,
         stage2_checkpoint,
     )
-    from modules.utils import STAGE2_REQUIRED, validate_config
     work = tmp_path_factory.mktemp('ijb_run')
     (work / 's1.yaml').write_text(yaml.safe_dump(STAGE1))
     (work / 's2.yaml').write_text(yaml.safe_dump(STAGE2))

@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 from test_training import ROOT, last_json, run_script, tfrecord, write_cfg  # noqa: F401
 
+from modules.config import ConfigError, load_config, validate_config
 from modules.training import (
     NonFiniteLoss,
     RunState,
@@ -15,7 +16,6 @@ from modules.training import (
     make_optimizer,
     train_stage1,
 )
-from modules.utils import ConfigError, load_config, validate_config
 
 BASE, TOTAL, WARMUP = 0.1, 100, 10
 

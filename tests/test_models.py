@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from modules.config import STAGE2_REQUIRED, load_config, validate_config
 from modules.models import ArcFaceModel, IoMFaceModel, iom_codes, iom_hasher, iom_stack_model
-from modules.utils import STAGE2_REQUIRED, load_config, validate_config
 
 
 def count(weights):

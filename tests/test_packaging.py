@@ -1,7 +1,7 @@
 """The install files agree with each other and the docs document every config key."""
 import re
 
-from modules.utils import SCHEMA
+from modules.config import SCHEMA
 
 
 def pins(text):

@@ -232,8 +232,9 @@ def test_checkpoint_restores_onto_other_replica_counts(numerics, rate):
 
 
 def test_config_keys_and_refusals(tmp_path):
+    from modules.config import ConfigError, load_config
     from modules.training import train_stage1
-    from modules.utils import ConfigError, UserError, load_config
+    from modules.utils import UserError
     cfg = load_config(write_cfg(tmp_path, 'missing.tfrecord'))
     assert cfg['partial_fc'] is False and cfg['sample_rate'] == 1.0
     for bad in (0, 1.5):

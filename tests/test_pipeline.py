@@ -91,10 +91,10 @@ def test_stage2_lowers_loss_and_beats_random_projection(workdir, monkeypatch):
     """
     import tensorflow as tf
 
+    from modules.config import STAGE2_REQUIRED, load_config
     from modules.evaluations import pair_distances, verification_metrics
     from modules.models import iom_codes, load_iom_model, trained_iom_layers
     from modules.training import train_stage2
-    from modules.utils import STAGE2_REQUIRED, load_config
     monkeypatch.chdir(workdir)
     cfg = load_config('s2.yaml', STAGE2_REQUIRED)
     summary = train_stage2(cfg)

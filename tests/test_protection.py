@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from modules.protection import (
+from modules.protection.measures import (
     cross_key_pair_scores,
     different_subject_pairs,
     evaluate_protection,

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from modules.search import pack_codes, search, search_reference
+from modules.deploy.search import pack_codes, search, search_reference
 from modules.utils import UserError
 
 

@@ -17,8 +17,8 @@ import httpx
 import numpy as np
 import pytest
 
-from modules.gallery import Gallery
-from modules.gallery_store import is_postgres
+from modules.deploy.gallery import Gallery
+from modules.deploy.store import is_postgres
 from tests.test_gallery import gallery_bytes
 from tests.workers import free_port
 
@@ -202,8 +202,8 @@ def test_bad_input_gets_a_clear_4xx(svc):
 
 def test_decisions_are_the_gallerys(svc, monkeypatch):
     """The API's distances equal Gallery.verify/identify on the model's codes in this process."""
-    from modules.hashing import Hasher
-    from modules.utils import STAGE2_REQUIRED, load_config
+    from modules.config import STAGE2_REQUIRED, load_config
+    from modules.deploy.hashing import Hasher
     url, faces, gids = svc['server'].url, svc['faces'], svc['gids']
     admin, client = bearer(svc['admin']), bearer(svc['client'])
     assert httpx.post(url + '/v1/subjects/bob/templates', files={'image': ('b.jpg', jpeg(

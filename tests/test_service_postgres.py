@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from modules.gallery import Gallery
+from modules.deploy.gallery import Gallery
 from tests.test_service import THRESHOLD, Client, Server, bearer, jpeg, token
 
 

@@ -96,9 +96,9 @@ def test_killed_run_resumes_at_saved_step_with_optimizer_state(tmp_path, tfrecor
 
     # The optimizer state was restored, not re-initialised: the restored slot at `saved` equals
     # what was written, and training moved on from it.
+    from modules.config import load_config
     from modules.models import arcface_from_config, stage1_checkpoint
     from modules.training import make_optimizer
-    from modules.utils import load_config
     c = load_config(cfg)
     model = arcface_from_config(c, training=True)
     opt = make_optimizer(c, 10)
@@ -113,8 +113,8 @@ def test_killed_run_resumes_at_saved_step_with_optimizer_state(tmp_path, tfrecor
 
 @pytest.mark.parametrize('mode', ['eager_tf', 'fit'])
 def test_both_modes_train_and_resume(tmp_path, tfrecord, mode, monkeypatch):
+    from modules.config import load_config
     from modules.training import train_stage1
-    from modules.utils import load_config
     monkeypatch.chdir(tmp_path)
     first = train_stage1(load_config(write_cfg(tmp_path, tfrecord, max_steps=4)), mode)
     assert first['step'] == 4 and first['checkpoint'].endswith('ckpt-4')
@@ -124,8 +124,8 @@ def test_both_modes_train_and_resume(tmp_path, tfrecord, mode, monkeypatch):
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, tfrecord, monkeypatch):
+    from modules.config import load_config
     from modules.training import NonFiniteLoss, train_stage1
-    from modules.utils import load_config
     monkeypatch.chdir(tmp_path)
     train_stage1(load_config(write_cfg(tmp_path, tfrecord, max_steps=2)))
     with pytest.raises(NonFiniteLoss, match='last good checkpoint'):
@@ -143,7 +143,7 @@ def test_mirrored_strategy_over_two_cpu_devices(tmp_path, tfrecord, extra):
 import sys, json
 sys.path.insert(0, {ROOT!r})
 from modules.training import configure_devices, get_strategy, train_stage1
-from modules.utils import load_config
+from modules.config import load_config
 configure_devices(cpu_devices=2)
 strategy = get_strategy()
 assert strategy.num_replicas_in_sync == 2, strategy.num_replicas_in_sync

@@ -24,7 +24,8 @@ from test_weights import ROOT, SMALL, TINY_UNITS, make_onnx, source_params
 from test_weights_sources import TORCH_FEED, _torch_names, torch_state, write_pth
 
 from modules import backbones
-from modules.utils import INSIGHT_UNITS, UserError
+from modules.config import INSIGHT_UNITS
+from modules.utils import UserError
 from modules.weights import onnx_to_npy, write_weight_dict
 from modules.weights.torch_pth import pth_to_npy
 from modules.weights.verify import MAX_ONE_MINUS_COS, onnx_embeddings, verify_onnx

@@ -33,7 +33,8 @@ from test_weights import (  # the helpers that build iresnet ONNX graphs from ra
 )
 
 from modules import backbones
-from modules.utils import INSIGHT_UNITS, UserError
+from modules.config import INSIGHT_UNITS
+from modules.utils import UserError
 from modules.weights import onnx_to_npy, write_weight_dict
 from modules.weights.torch_pth import pth_to_npy
 from modules.weights.verify import (

@@ -21,8 +21,8 @@ def make_tiny_model(workdir, seed=0, **overrides):
     """Write <workdir>/tiny.yaml and checkpoints/<sub_name>/ for a seeded random model; return path."""
     import tensorflow as tf
 
+    from modules.config import STAGE2_REQUIRED, validate_config
     from modules.models import IoMFaceModel, arcface_from_config, stage1_checkpoint, stage2_checkpoint
-    from modules.utils import STAGE2_REQUIRED, validate_config
     raw = dict(CFG, **overrides)
     cfg = validate_config(raw, 'tiny.yaml', STAGE2_REQUIRED)
     tf.keras.utils.set_random_seed(seed)

@@ -10,10 +10,11 @@ import math
 
 import numpy as np
 
-from modules.utils import INSIGHT_UNITS, UserError
+from modules.config import INSIGHT_BN_EPS as BN_EPS
+from modules.config import INSIGHT_FILTERS as FILTERS
+from modules.config import INSIGHT_UNITS
+from modules.utils import UserError
 
-BN_EPS = 2e-5  # the Keras backbone's BatchNormalization epsilon (modules/backbones.py)
-FILTERS = (64, 128, 256, 512)
 FORMAT_TAG = 'iomface-insight-weights'
 META_KEY = '__meta__'
 

@@ -1,17 +1,21 @@
 """Hashing photos for a gallery: the IoM model under a key (TensorFlow), and opening a gallery with it.
 
-`modules.gallery` holds the database side (keys, storage, decisions, tokens) and needs no
-TensorFlow; this module loads the model, checks it against the gallery and turns photos into
-codes, for gallery.py, serve.py and the benchmarks.
+`modules.deploy.gallery` holds the database side (keys, storage, decisions, tokens); this module
+loads the model, checks that it can work under a gallery key, checks it against the gallery and
+turns photos into codes, for gallery.py, serve.py and the benchmarks. TensorFlow is imported
+inside the functions that run the model, never at import time.
 """
+import glob
 import hashlib
+import json
 import os
 
 import numpy as np
 
-from modules.gallery import Gallery, check_key_change
-from modules.search import pack_codes
-from modules.utils import UserError
+from modules.config import STAGE2_REQUIRED, checkpoint_dir, load_config, log_dir
+from modules.deploy.gallery import Gallery
+from modules.deploy.search import pack_codes
+from modules.utils import UserError, quiet_tensorflow
 
 
 def model_fingerprint(model, m, q):
@@ -22,6 +26,30 @@ def model_fingerprint(model, m, q):
         digest.update(f'{value.dtype.str}{value.shape}'.encode())
         digest.update(value.tobytes())
     return digest.hexdigest()
+
+
+def check_key_change(cfg):
+    """UserError when the model of `cfg` cannot be used under a key other than its training one.
+
+    Refused: a model whose hidden layers follow the permutation (`perm_position: input`), and a
+    model whose latest eval_protection.py report, for the checkpoint in use now, found its codes
+    unfit for a new key (EER worse under new keys, or revoked codes still accepted).
+    """
+    from modules.models import check_rekeyable, latest_checkpoint
+    check_rekeyable(cfg)
+    ckpt = latest_checkpoint(checkpoint_dir(cfg))
+    for path in sorted(glob.glob(os.path.join(log_dir(cfg), 'protection_*.json'))):
+        try:
+            with open(path, encoding='utf-8') as fh:
+                report = json.load(fh)
+        except (OSError, ValueError):
+            continue  # not a protection report of ours: nothing measured to go by
+        if (isinstance(report, dict) and report.get('key_change_ok') is False
+                and (report.get('loaded_from') or {}).get('iom') == ckpt):
+            problem = (report.get('key_change_problems') or ['codes unfit for a new key'])[0]
+            raise UserError(f"{path}: eval_protection.py found that {cfg['sub_name']}'s codes do "
+                            f'not work under a new key ({problem}); train stage 2 again (another '
+                            'hidden_layer_remark or temperature) or keep one fixed key')
 
 
 class Hasher:
@@ -89,7 +117,6 @@ class Hasher:
 def init_with_model(db_path, cfg_path, key_mode='application', key_file=None):
     """Create a gallery for the stage-2 model of `cfg_path` (refused before loading the model when
     the database or its key file exists, or the model cannot change keys); returns (gallery, cfg)."""
-    from modules.utils import STAGE2_REQUIRED, load_config, quiet_tensorflow
     Gallery.check_new(db_path, key_file, cfg_path)
     cfg = load_config(cfg_path, STAGE2_REQUIRED)
     check_key_change(cfg)
@@ -103,7 +130,6 @@ def init_with_model(db_path, cfg_path, key_mode='application', key_file=None):
 def open_with_model(db_path, cfg_path=None, name=None, key_file=None):
     """(gallery, hasher, cfg): the gallery and its hashing model under its key. A model other than
     the gallery's is refused, and an unknown `name` before the model is loaded."""
-    from modules.utils import STAGE2_REQUIRED, load_config, quiet_tensorflow
     gallery = Gallery.open(db_path, key_file)
     if name is not None:
         gallery.templates_of(name)

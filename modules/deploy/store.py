@@ -1,9 +1,9 @@
 """Where a gallery's rows live: one small interface, an SQLite and a PostgreSQL implementation.
 
-`modules.gallery.Gallery` holds every rule (keys, names, audit, decisions) and speaks SQL with `?`
+`modules.deploy.gallery.Gallery` holds every rule (keys, names, audit, decisions) and speaks SQL with `?`
 placeholders; a store owns the connection, the schema, transactions, bulk copy and the translation
 of database failures into one-line `UserError`s. The search itself always runs in memory
-(`modules.search`), whatever stores the rows.
+(`modules.deploy.search`), whatever stores the rows.
 
 SQLite (a file path): WAL journal, every write one `BEGIN IMMEDIATE` transaction, so concurrent
 writers queue on the file lock. PostgreSQL (`postgresql://user@host:port/dbname`, or libpq's PG*

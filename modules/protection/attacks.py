@@ -334,10 +334,10 @@ def _linkage(preimages_1, codes_1, stack_2, x_b, radius, seed):
     Row v of `codes_1` is victim v's stolen code (key 1) and of `preimages_1` its pre-image; the
     victim's other photo is hashed under key 2 and inverted the same way. Known keys: the two
     pre-images are compared by cosine. Unknown keys: the codes themselves (fraction of equal
-    indices), as `modules.protection` measures unlinkability. Mated: the same victim; non-mated:
+    indices), as `modules.protection.measures` measures unlinkability. Mated: the same victim; non-mated:
     every pair of different victims.
     """
-    from modules.protection import similarity_scores, unlinkability
+    from modules.protection.measures import similarity_scores, unlinkability
     codes_2 = stack_2.codes(x_b)
     preimages_2 = gradient_preimage(stack_2, codes_2, radius, seed=seed + 2)
     n = len(codes_1)

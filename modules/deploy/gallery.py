@@ -1,7 +1,7 @@
 """Protected-template gallery: enrol, verify, identify, revoke and re-key IoM hash codes.
 
 The database never holds an image or a float embedding: per template only the subject name, the m
-IoM indices (one uint8 each, `modules.search.pack_codes`), the id of the application key that
+IoM indices (one uint8 each, `modules.deploy.search.pack_codes`), the id of the application key that
 produced them (a hash, never the key), the model fingerprint and timestamps, plus an audit table.
 
 Key modes. `application` (the default): one key for the whole gallery, in a local file (mode
@@ -15,7 +15,7 @@ revoking and enrolling again issues a new key. What each mode protects against w
 measured in docs/protection.md.
 
 Storage (this part needs no TensorFlow): an SQLite file or a PostgreSQL database
-(`modules.gallery_store`, same tables and rules). Every change is one transaction, so concurrent
+(`modules.deploy.store`, same tables and rules). Every change is one transaction, so concurrent
 writers queue and a killed process leaves either a whole enrolment or none. A `generation` counter
 in the meta table changes with every write; the in-memory code matrix used by `identify` is
 rebuilt only when it has moved, so a process sees what other processes committed on its next
@@ -23,156 +23,45 @@ call. The application key file is `<db>.key` beside an SQLite file; for PostgreS
 `<dbname>.key` beside the configuration file unless `key_file` says otherwise: never in the
 database.
 """
-import contextlib
-import glob
-import hashlib
-import hmac
-import json
 import os
-import secrets
-import stat
 import time
 
 import numpy as np
 
-from modules.gallery_store import (
-    SCHEMA_VERSION,
-    DatabaseUnavailable,  # noqa: F401  (re-exported: the service answers it with 503)
-    check_schema_version,
-    open_store,
+from modules.deploy.keys import (
+    PENDING_SUFFIX,
+    SUBJECT_KEY_ID,
+    finish_rekey,
+    key_id,
+    matching_key,
+    new_key,
+    write_key,
 )
-from modules.search import pack_codes, search
-from modules.utils import UserError, atomic_output, log_dir
+from modules.deploy.search import pack_codes, search
+from modules.deploy.store import SCHEMA_VERSION, check_schema_version, open_store
+from modules.utils import UserError
 
 FORMAT = 'iomface-gallery-1'
 KEY_MODES = ('application', 'subject')
-SUBJECT_KEY_ID = 'per-subject'  # meta key_id of a subject-key gallery
-KEY_SUFFIX = '.key'
-PENDING_SUFFIX = '.new'
-_KEY_BITS = 128
 _MAX_NAME = 200
-RESULTS_NAME = 'iom_Hamming_results.json'
 
 
 # ---------------------------------------------------------------------------------------------
-# Application key file.
-def key_path(db_path):
-    """The key file of a gallery database: `<db>.key`."""
-    return db_path + KEY_SUFFIX
-
-
-def new_key():
-    """A fresh random application key (a 128-bit non-negative integer, the PermLayer seed)."""
-    return secrets.randbits(_KEY_BITS)
-
-
-def key_id(key):
-    """Public id of a key: the first 16 hex digits of its SHA-256 (the key cannot be recovered)."""
-    return hashlib.sha256(f'iomface-key:{key:x}'.encode()).hexdigest()[:16]
-
-
-def write_key(path, key):
-    """Write a key file with mode 0600 from the start (never world-readable, not even briefly)."""
-    with atomic_output(path, 'w', permissions=0o600) as fh:
-        fh.write(f'{key:x}\n')
-
-
-def read_key(path):
-    """Read a key file; UserError when it is missing, readable by group/others, or malformed."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise UserError(f'{path}: key file not found (it is created by `gallery.py init` beside '
-                        'the database)') from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise UserError(f'{path}: key file is accessible by other users (mode '
-                        f'{stat.S_IMODE(mode):04o}); run `chmod 600 {path}`')
-    with open(path, encoding='ascii', errors='replace') as fh:
-        text = fh.read().strip()
-    try:
-        key = int(text, 16)
-    except ValueError:
-        raise UserError(f'{path}: not a gallery key file (expected one hexadecimal number)') from None
-    if key < 0:
-        raise UserError(f'{path}: not a gallery key file (negative key)')
-    return key
-
-
-# ---------------------------------------------------------------------------------------------
-# Decision threshold from the model's last evaluation.
-def decision_threshold(cfg, threshold=None, far=None):
-    """(threshold, where it came from): accept a probe when its Hamming distance is <= threshold.
-
-    An explicit `threshold` wins; else the EER threshold (or, with `far`, the largest threshold
-    whose false-accept rate was <= far) of the latest test_twostage_iom.py results of the model,
-    on LFW when it was evaluated, else on the first set in the file.
-    """
-    if threshold is not None:
-        if threshold < 0:
-            raise UserError(f'--threshold must not be negative, got {threshold}')
-        return float(threshold), 'given with --threshold'
-    path = os.path.join(log_dir(cfg), RESULTS_NAME)
-    if not os.path.isfile(path):
-        raise UserError(f'{path} not found: run test_twostage_iom.py --cfg_path <cfg> --measure '
-                        'Hamming first, or pass --threshold')
-    try:
-        with open(path, encoding='utf-8') as fh:
-            results = json.load(fh)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f'{path}: not a results JSON ({err})') from None
-    sets = sorted(name for name, r in results.items() if isinstance(r, dict) and 'eer' in r)
-    if not sets:
-        raise UserError(f'{path}: holds no verification results')
-    name = 'lfw' if 'lfw' in sets else sets[0]
-    res = results[name]
-    if 'eer_threshold' not in res or 'roc_far' not in res:
-        raise UserError(f'{path}: written by an older test_twostage_iom.py without the EER '
-                        'threshold; run it again or pass --threshold')
-    if far is None:
-        return float(res['eer_threshold']), (f"EER threshold on {name} (EER {res['eer']:.4f}), "
-                                             f'{path}')
-    from modules.evaluations import threshold_at_far
-    if not 0 < far < 1:
-        raise UserError(f'--far must lie in (0, 1), got {far}')
-    try:
-        threshold, measured = threshold_at_far(res['roc_far'], res['roc_thresholds'], far)
-    except UserError as err:
-        raise UserError(f'{path}: on {name}, {err}; pass --threshold') from None
-    return threshold, f'FAR <= {far:g} on {name} (measured FAR {measured:.2e}), {path}'
-
-
-def check_key_change(cfg):
-    """UserError when the model of `cfg` cannot be used under a key other than its training one.
-
-    Refused: a model whose hidden layers follow the permutation (`perm_position: input`), and a
-    model whose latest eval_protection.py report, for the checkpoint in use now, found its codes
-    unfit for a new key (EER worse under new keys, or revoked codes still accepted).
-    """
-    from modules.models import check_rekeyable, latest_checkpoint
-    check_rekeyable(cfg)
-    ckpt = latest_checkpoint(os.path.join('checkpoints', cfg['sub_name']))
-    for path in sorted(glob.glob(os.path.join(log_dir(cfg), 'protection_*.json'))):
-        try:
-            with open(path, encoding='utf-8') as fh:
-                report = json.load(fh)
-        except (OSError, ValueError):
-            continue  # not a protection report of ours: nothing measured to go by
-        if (isinstance(report, dict) and report.get('key_change_ok') is False
-                and (report.get('loaded_from') or {}).get('iom') == ckpt):
-            problem = (report.get('key_change_problems') or ['codes unfit for a new key'])[0]
-            raise UserError(f"{path}: eval_protection.py found that {cfg['sub_name']}'s codes do "
-                            f'not work under a new key ({problem}); train stage 2 again (another '
-                            'hidden_layer_remark or temperature) or keep one fixed key')
-
-
-# ---------------------------------------------------------------------------------------------
-# The database (rows kept by a store of modules.gallery_store: an SQLite file or PostgreSQL).
+# The database (rows kept by a store of modules.deploy.store: an SQLite file or PostgreSQL).
 class NotEnrolled(UserError):
     """A subject name with no template in the gallery (the service answers 404)."""
 
 
 class KeyChanged(UserError):
     """Codes made under a key the gallery no longer has (another process re-keyed it)."""
+
+
+class WrongKeyMode(UserError):
+    """An operation the gallery's key mode does not allow (identify or rekey with subject keys)."""
+
+
+class SubjectKeyMismatch(UserError):
+    """A further template of an enrolled subject offered under another subject key."""
 
 
 def check_name(name):
@@ -197,16 +86,6 @@ def gallery_exists(db_path):
 _TEMPLATE_COLUMNS = ('name', 'codes', 'key_id', 'model_fp', 'source', 'created')
 _AUDIT_COLUMNS = ('time', 'event', 'name', 'detail')
 _INSERT_AUDIT = 'INSERT INTO audit (time, event, name, detail) VALUES (?, ?, ?, ?)'
-
-
-def _finish_rekey(pending, kpath, new):
-    """Move the new key file into place; another process that opened the gallery after the
-    commit may have moved it already."""
-    try:
-        os.replace(pending, kpath)
-    except FileNotFoundError:
-        if read_key(kpath) != new:
-            raise UserError(f'{kpath}: the new key file {pending} vanished during rekey') from None
 
 
 class Gallery:
@@ -291,7 +170,7 @@ class Gallery:
             # Galleries made before key modes existed have no key_mode row: application keys.
             meta.setdefault('key_mode', 'application')
             kpath = key_file or store.default_key_file(meta.get('cfg_path', '.'))
-            key = (cls._matching_key(db_path, kpath, meta['key_id'])
+            key = (matching_key(db_path, kpath, meta['key_id'])
                    if meta['key_mode'] == 'application' else None)
         except BaseException:
             store.close()
@@ -301,26 +180,6 @@ class Gallery:
     def reopen(self):
         """Another handle on the same gallery and key file (a connection for another thread)."""
         return type(self).open(self.db_path, self.key_file)
-
-    @staticmethod
-    def _matching_key(db_path, kpath, expected_id):
-        pending = kpath + PENDING_SUFFIX
-        key = read_key(kpath)
-        if key_id(key) == expected_id:
-            return key
-        # A rekey writes the new key to <key>.new, commits the database, then renames the file:
-        # finish a rekey that was interrupted between the last two steps.
-        if os.path.isfile(pending):
-            with contextlib.suppress(UserError):  # another process may move it meanwhile
-                new = read_key(pending)
-                if key_id(new) == expected_id:
-                    _finish_rekey(pending, kpath, new)
-                    return new
-        key = read_key(kpath)  # a rekey in another process may have just moved it into place
-        if key_id(key) == expected_id:
-            return key
-        raise UserError(f'{kpath}: key id {key_id(key)} is not the key of {db_path} (key id '
-                        f'{expected_id}); use the key file made with this database')
 
     def close(self):
         """Close the connection."""
@@ -335,7 +194,7 @@ class Gallery:
             if rows['key_id'] == self.meta['key_id'] or self.subject_keys:
                 return rows['generation']
             try:
-                self.key = self._matching_key(self.db_path, self.key_file, rows['key_id'])
+                self.key = matching_key(self.db_path, self.key_file, rows['key_id'])
             except UserError:
                 if attempt == 2:
                     raise
@@ -346,6 +205,24 @@ class Gallery:
     def _write(self):
         """One write transaction that also moves the generation counter."""
         return self.store.write()
+
+    # -- service tokens (their digests; modules.deploy.tokens makes and checks them) ----------
+    def add_token_row(self, digest, role, created):
+        """Store a token digest with its role."""
+        with self._write() as conn:
+            self.store.ensure_tokens_table(conn)
+            conn.execute('INSERT INTO tokens VALUES (?, ?, ?)', (digest, role, created))
+
+    def token_rows(self):
+        """[(digest, role, created)] of the stored tokens, oldest first."""
+        if 'tokens' not in self.store.tables():
+            return []
+        return self._read('SELECT digest, role, created FROM tokens ORDER BY created')
+
+    def delete_token_row(self, digest):
+        """Delete one stored token digest."""
+        with self._write() as conn:
+            conn.execute('DELETE FROM tokens WHERE digest = ?', (digest,))
 
     def _read(self, sql, args=()):
         return self.store.read(sql, args)
@@ -376,7 +253,7 @@ class Gallery:
 
     def _refuse_in_subject_mode(self, what, why):
         if self.subject_keys:
-            raise UserError(f'{self.db_path} is a subject-key gallery: {what} is not possible '
+            raise WrongKeyMode(f'{self.db_path} is a subject-key gallery: {what} is not possible '
                             f'({why})')
 
     def check_can_identify(self):
@@ -441,7 +318,7 @@ class Gallery:
             if only_new and held:
                 return 0
             if held and kid and held[0] != kid:
-                raise UserError(f'{name!r} is enrolled under another key: give the key file '
+                raise SubjectKeyMismatch(f'{name!r} is enrolled under another key: give the key file '
                                 'issued at the first enrolment, or revoke and enrol again for a '
                                 'new key')
             conn.executemany('INSERT INTO templates (name, codes, key_id, model_fp, source, '
@@ -493,7 +370,7 @@ class Gallery:
             conn.execute("UPDATE meta SET value = ? WHERE key = 'key_id'", (new_id,))
             conn.execute(_INSERT_AUDIT, (time.time(), 'rekey', None,
                           f'key {old_id} -> {new_id}, {deleted} template(s) deleted'))
-        _finish_rekey(pending, self.key_file, new)
+        finish_rekey(pending, self.key_file, new)
         self.meta['key_id'], self.key = new_id, new
         return deleted
 
@@ -563,87 +440,3 @@ class Gallery:
         return [(names[t], self.m - int(s), t) for t, s in zip(found, score[0]) if t in names]
 
 
-def define_gallery_flags():
-    """The absl flags gallery.py and serve.py share: the gallery (--db, --key_file) and the match
-    decision (--threshold, --far, --align)."""
-    from absl import flags
-
-    from modules.align import ALIGN_MODES
-    flags.DEFINE_string('db', None, 'gallery: an SQLite file (key file <db>.key) or '
-                        'postgresql://user@host:port/dbname (key file <dbname>.key beside the '
-                        'config)')
-    flags.DEFINE_string('key_file', None, 'application key file (default: <db>.key for SQLite, '
-                        "<dbname>.key in the config's folder for PostgreSQL)")
-    flags.DEFINE_float('threshold', None, 'accept when the Hamming distance is <= this (default: '
-                       "the EER threshold of the model's latest test_twostage_iom.py results)")
-    flags.DEFINE_float('far', None, 'use the threshold that gave this false-accept rate on the '
-                       'last evaluation instead of the EER threshold')
-    flags.DEFINE_enum('align', 'auto', ALIGN_MODES, 'detect and align faces: auto = only photos '
-                      'that are not already input_size square, always, never')
-
-
-def accepts(distance, threshold):
-    """The decision: a probe matches when its Hamming distance is <= the threshold."""
-    return distance <= threshold
-
-
-# ---------------------------------------------------------------------------------------------
-# Service access tokens (serve.py). A bearer token is 32 random bytes shown once when made; the
-# database keeps only its SHA-256 and a role, so a copy of the database gives no usable token.
-TOKEN_ROLES = ('admin', 'client')
-_TOKEN_PREFIX = 'iomf_'
-
-
-def token_digest(token):
-    """Hex SHA-256 of a token: what the database stores."""
-    return hashlib.sha256(token.encode('utf-8', 'surrogatepass')).hexdigest()
-
-
-def token_id(digest):
-    """Public id of a token (to list and revoke it): the first 12 hex digits of its digest."""
-    return digest[:12]
-
-
-def add_token(gallery, role):
-    """Make a new random token with `role`, store its digest; return (token, token id)."""
-    if role not in TOKEN_ROLES:
-        raise UserError(f"token role must be one of {', '.join(TOKEN_ROLES)}, got {role!r}")
-    token = _TOKEN_PREFIX + secrets.token_urlsafe(32)
-    digest = token_digest(token)
-    with gallery._write() as conn:
-        gallery.store.ensure_tokens_table(conn)
-        conn.execute('INSERT INTO tokens VALUES (?, ?, ?)', (digest, role, time.time()))
-    return token, token_id(digest)
-
-
-def _token_rows(gallery):
-    if 'tokens' not in gallery.store.tables():
-        return []
-    return gallery._read('SELECT digest, role, created FROM tokens ORDER BY created')
-
-
-def list_tokens(gallery):
-    """[(token id, role, created)] of the live tokens, oldest first."""
-    return [(token_id(digest), role, created) for digest, role, created in _token_rows(gallery)]
-
-
-def revoke_token(gallery, tid):
-    """Delete the token whose id is `tid`; UserError when no token (or several) has that id."""
-    tid = str(tid).strip().lower()
-    found = [digest for digest, _, _ in _token_rows(gallery) if token_id(digest) == tid]
-    if len(found) != 1:
-        raise UserError(f'no token with id {tid!r} in {gallery.db_path} (see `serve.py token '
-                        'list`)')
-    with gallery._write() as conn:
-        conn.execute('DELETE FROM tokens WHERE digest = ?', found)
-
-
-def token_role(gallery, token):
-    """The role of a presented token, or None. The digest is compared with every stored one in
-    constant time, so the answer time tells nothing about how close a guess came."""
-    digest = token_digest(token)
-    role = None
-    for stored, stored_role, _ in _token_rows(gallery):
-        if hmac.compare_digest(stored, digest):
-            role = stored_role
-    return role

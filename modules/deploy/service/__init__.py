@@ -1,0 +1,1 @@
+"""The verification service (serve.py): a FastAPI app over one gallery and its hashing model."""

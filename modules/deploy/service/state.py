@@ -1,0 +1,127 @@
+"""The state behind the service: the gallery on its database thread, the hashing model and its
+batcher on the model thread, and the way from an uploaded photo to a code."""
+import asyncio
+import base64
+import concurrent.futures
+import dataclasses
+import io
+import os
+
+import numpy as np
+from fastapi import HTTPException
+
+from modules.align import face_crop, read_photo
+from modules.deploy.hashing import Hasher
+from modules.deploy.service.batcher import Batcher
+from modules.utils import UserError
+
+_SOURCE_CHARS = 100
+
+
+@dataclasses.dataclass
+class Settings:
+    """What serve.py passes to the app."""
+
+    threshold: float
+    threshold_source: str
+    max_upload_bytes: int = 10 * 2 ** 20
+    max_pixels: int = 40_000_000
+    align: str = 'auto'
+    max_batch: int = 64
+    batch_wait_s: float = 0.030
+
+
+class Service:
+    """The state behind the app: gallery (database thread), hasher and batcher (model thread)."""
+
+    def __init__(self, gallery, hasher, cfg, settings):
+        # An SQLite connection belongs to the thread that opened it: the gallery is opened again
+        # on the database thread, which then makes every gallery call.
+        self.db_thread = concurrent.futures.ThreadPoolExecutor(1, 'gallery')
+        self.gallery = self.db_thread.submit(gallery.reopen).result()
+        gallery.close()
+        self.hasher = hasher.trace()
+        self.hasher_key_id = self.gallery.meta['key_id']
+        if self.hasher_key_id != gallery.meta['key_id']:
+            raise UserError(f'{gallery.db_path} was re-keyed while the service started: start it '
+                            'again')
+        self.cfg = cfg
+        self.settings = settings
+        self.auth_gallery = None  # opened by the app's lifespan, on the event loop's thread
+        self.batcher = Batcher(self._hash_faces, settings.max_batch, settings.batch_wait_s)
+
+    def _hash_faces(self, faces, subject_keys):
+        # Runs on the model thread, as does a rekey's model swap: the key id names the key used.
+        # Subject keys: one embedding pass for the batch, then each row under its own key.
+        if self.gallery.subject_keys:
+            return self.hasher.subject_codes(self.hasher.embeddings(faces), subject_keys), \
+                self.hasher_key_id
+        return self.hasher.codes(faces), self.hasher_key_id
+
+    def swap_hasher(self, key, kid):
+        """Hash with the model under `key` (id `kid`) from now on; runs on the model thread."""
+        if kid != self.hasher_key_id:  # several requests may ask for the same swap
+            self.hasher = Hasher(self.cfg, key).trace()
+            self.hasher_key_id = kid
+
+    async def db(self, fn, *args):
+        """Run fn(*args) on the database thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.db_thread, fn, *args)
+
+    async def fresh(self, fn, *args):
+        """fn(*args) on the database thread after catching up with other processes' writes;
+        a rekey made elsewhere then swaps the model to the new key (KeyChanged: 409)."""
+        def call():
+            self.gallery.refresh()
+            return fn(*args)
+        try:
+            return await self.db(call)
+        finally:
+            kid = self.gallery.meta['key_id']
+            if kid != self.hasher_key_id:
+                await self.batcher.run_on_model_thread(self.swap_hasher, self.gallery.key, kid)
+
+    async def probe(self, upload, want_crop=False, subject_key=None):
+        """(code, key id, crop data URL or None) of an uploaded photo; 413/422 for a bad image."""
+        source = upload_name(upload)
+        with self.batcher.photo():
+            data = await upload.read()
+            face = await asyncio.get_running_loop().run_in_executor(
+                None, self._face, data, source)
+            code, kid = await self.batcher.code(face, subject_key)
+        return code, kid, (_data_url(face) if want_crop else None)
+
+    def _face(self, data, source):
+        size = _pixel_size(data, source)
+        if size is not None and size[0] * size[1] > self.settings.max_pixels:
+            raise HTTPException(413, f'{source}: {size[0]}x{size[1]} pixels, over --max_pixels '
+                                f'{self.settings.max_pixels}')
+        try:
+            image = read_photo(io.BytesIO(data), source=source)
+            return face_crop(image, self.cfg['input_size'], self.settings.align, source=source)
+        except UserError as err:  # FaceError, or landmarks that fix no alignment: the photo's
+            raise HTTPException(422, str(err)) from None
+
+
+def upload_name(upload):
+    """The upload's file name as shown in messages and the audit: printable, short."""
+    name = os.path.basename(upload.filename or '') or 'image'
+    return ''.join(c if c.isprintable() else '?' for c in name)[:_SOURCE_CHARS]
+
+
+def _pixel_size(data, source):
+    """(width, height) from the image header, None when PIL cannot tell (read_photo says why)."""
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size
+    except Image.DecompressionBombError as err:  # PIL's own, larger limit
+        raise HTTPException(413, f'{source}: image too large ({err})') from None
+    except Exception:  # not an image / damaged: read_photo gives the user-facing message
+        return None
+
+
+def _data_url(face):
+    import cv2
+    ok, buf = cv2.imencode('.png', np.ascontiguousarray(face[:, :, ::-1]))
+    return 'data:image/png;base64,' + base64.b64encode(buf.tobytes()).decode() if ok else None
