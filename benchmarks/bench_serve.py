@@ -31,7 +31,7 @@ sys.path.insert(0, ROOT)
 
 from modules.config import STAGE2_REQUIRED, load_config  # noqa: E402
 from modules.utils import UserError, cli_guard  # noqa: E402
-from tests.workers import free_port  # noqa: E402
+from tests.helpers.workers import free_port  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('cfg_path', 'configs/quickstart_stage2.yaml', 'stage-2 config (trained)')

@@ -10,11 +10,13 @@ if ROOT not in sys.path:
 
 import pytest  # noqa: E402
 
+from tests.helpers.runs import make_tree  # noqa: E402
+
 
 @pytest.fixture(scope='session')
 def pg_server():
     """A throw-away PostgreSQL server for the session (skipped when PostgreSQL is not installed)."""
-    from tests.pg_server import PgServer, pg_bin_dir
+    from tests.helpers.pg_server import PgServer, pg_bin_dir
     if pg_bin_dir() is None:
         # Under CI (.ci/run installs postgresql) a missing server is a failure, not a skip.
         if os.environ.get('CI'):
@@ -23,3 +25,13 @@ def pg_server():
     server = PgServer()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope='module')
+def tfrecord(tmp_path_factory):
+    from modules.dataset import write_tfrecord
+    base = tmp_path_factory.mktemp('stage1')
+    make_tree(str(base / 'imgs'))
+    path = str(base / 'train.tfrecord')
+    write_tfrecord(str(base / 'imgs'), path, binary=True)
+    return path

@@ -18,9 +18,8 @@ NOISE = ('cuInit', 'cudart_stub', 'absl::InitializeLog', 'oneDNN', 'cpu_feature_
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
     """Identity folders, their binary and online TFRecords, and a cut-short copy of each."""
-    from test_training import make_tree
-
     from modules.dataset import _example, write_tfrecord
+    from tests.helpers.runs import make_tree
     base = tmp_path_factory.mktemp('faults')
     make_tree(str(base / 'imgs'), NUM_IDS, PER_ID)
     paths = {}

@@ -16,7 +16,7 @@ def tiny(tmp_path_factory):
     from modules.config import STAGE2_REQUIRED, load_config
     from modules.deploy.export import parity_images
     from modules.models import load_iom_model
-    from tests.tiny_iom import make_tiny_model
+    from tests.helpers.tiny_iom import make_tiny_model
     work = tmp_path_factory.mktemp('export')
     cfg_path = make_tiny_model(str(work), perm_key=1234)
     here = os.getcwd()

@@ -17,6 +17,7 @@ from modules.deploy.gallery import Gallery
 from modules.deploy.keys import read_key
 from modules.deploy.store import SQLiteStore
 from modules.utils import UserError
+from tests.helpers.gallery import gallery_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='-1')
@@ -54,18 +55,6 @@ def float_run_length(data, low=1e-6, high=1e6):
     return longest
 
 
-def gallery_bytes(db):
-    """Everything the database stores: the SQLite files, or every row of every table."""
-    from modules.deploy.store import TABLES, is_postgres
-    if not is_postgres(db):
-        return b''.join(open(p, 'rb').read() for p in (db, db + '-wal') if os.path.exists(p))
-    import psycopg
-    out = []
-    with psycopg.connect(db) as conn:
-        for table in TABLES:
-            for row in conn.execute(f'SELECT * FROM {table}'):
-                out += [v if isinstance(v, bytes) else str(v).encode() for v in row]
-    return b'\n'.join(out)
 
 
 def test_storage_rules_key_file_and_refusals(tmp_path, new_db):
@@ -328,7 +317,7 @@ def test_threshold_from_the_evaluation_results(tmp_path, monkeypatch):
 # With the hashing model (a tiny seeded MobileNetV2, see tests/tiny_iom.py).
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory):
-    from tests.tiny_iom import make_tiny_model, synthetic_faces, write_photos
+    from tests.helpers.tiny_iom import make_tiny_model, synthetic_faces, write_photos
     work = tmp_path_factory.mktemp('gallery')
     cfg_path = make_tiny_model(str(work))
     faces, gids = synthetic_faces(6, 3)
@@ -376,7 +365,7 @@ def test_rekey_revokes_old_codes_and_another_model_is_refused(tiny, monkeypatch)
     from modules.config import STAGE2_REQUIRED, load_config
     from modules.deploy.hashing import Hasher
     from modules.evaluations import verification_metrics
-    from tests.tiny_iom import make_tiny_model
+    from tests.helpers.tiny_iom import make_tiny_model
     work, cfg_path, faces, gids = tiny
     monkeypatch.chdir(work)
     cfg = load_config(cfg_path, STAGE2_REQUIRED)

@@ -5,7 +5,6 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
-from test_training import ROOT, last_json, run_script, tfrecord, write_cfg  # noqa: F401
 
 from modules.config import ConfigError, load_config, validate_config
 from modules.training import (
@@ -16,6 +15,7 @@ from modules.training import (
     make_optimizer,
     train_stage1,
 )
+from tests.helpers.runs import ROOT, last_json, run_script, write_cfg
 
 BASE, TOTAL, WARMUP = 0.1, 100, 10
 

@@ -13,8 +13,8 @@ import sys
 import numpy as np
 import pytest
 
-from tests.test_training import last_json, make_tree, write_cfg
-from tests.workers import run_two_workers
+from tests.helpers.runs import last_json, make_tree, write_cfg
+from tests.helpers.workers import run_two_workers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

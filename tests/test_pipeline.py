@@ -1,5 +1,4 @@
 """End to end on a small synthetic face set: stage 1, test.py, stage 2, test_twostage_iom.py, run_me.py."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -8,6 +7,8 @@ import sys
 import numpy as np
 import pytest
 import yaml
+
+from tests.helpers.runs import load_generator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE1 = dict(batch_size=64, eval_batch_size=64, sub_name='s1', backbone_type='MobileNetV2',
@@ -24,12 +25,6 @@ STAGE2 = dict(STAGE1, sub_name='s2', stage1_sub_name='s1', head_type='IoMHead', 
               test_dataset_ytf='synthetic/retrieval')
 
 
-def load_generator():
-    spec = importlib.util.spec_from_file_location(
-        'make_synthetic_faces', os.path.join(ROOT, 'data', 'make_synthetic_faces.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def script(name, *args, cwd):

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from tests.test_service import Server, token
+from tests.helpers.service import Server, token
 
 CHROMIUM = shutil.which('chromium') or '/usr/bin/chromium'
 CHROMEDRIVER = shutil.which('chromedriver') or '/usr/bin/chromedriver'
@@ -28,7 +28,7 @@ def page(tmp_path_factory):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service as DriverService
 
-    from tests.tiny_iom import make_tiny_model
+    from tests.helpers.tiny_iom import make_tiny_model
     work = str(tmp_path_factory.mktemp('browser'))
     cfg_path = make_tiny_model(work, m=M)
     grace = str(matplotlib.cbook.get_sample_data('grace_hopper.jpg', asfileobj=False))

@@ -11,12 +11,12 @@ import httpx
 import pytest
 
 from modules.deploy.gallery import Gallery
-from tests.test_service import THRESHOLD, Client, Server, bearer, jpeg, token
+from tests.helpers.service import THRESHOLD, Client, Server, bearer, jpeg, token
 
 
 @pytest.fixture(scope='module')
 def two(tmp_path_factory, pg_server):
-    from tests.tiny_iom import make_tiny_model, synthetic_faces
+    from tests.helpers.tiny_iom import make_tiny_model, synthetic_faces
     work = str(tmp_path_factory.mktemp('service_pg'))
     cfg_path = make_tiny_model(work)
     faces, _ = synthetic_faces(40, 2)

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import yaml
 
-from tests.test_pipeline import load_generator
+from tests.helpers.runs import load_generator
 
 CFG = dict(batch_size=8, eval_batch_size=32, sub_name='tiny_s2', stage1_sub_name='tiny_s1',
            backbone_type='MobileNetV2', head_type='IoMHead', use_pretrain=False, embd_shape=64,
