@@ -98,102 +98,129 @@ def _enroll_one(gallery, hasher, key):
               'the gallery keeps only its id, and verify needs it')
 
 
-@cli_guard
-def main(argv):
-    """Dispatch the sub-command."""
-    from modules.deploy.decision import accepts
-    from modules.deploy.gallery import Gallery
-    from modules.deploy.hashing import (
-        enroll_folders,
-        identity_folders,
-        init_with_model,
-        open_with_model,
-    )
-    if len(argv) != 2 or argv[1] not in COMMANDS:
-        raise UserError(f"give one sub-command: {', '.join(COMMANDS)} (got {' '.join(argv[1:])!r})")
-    command = argv[1]
-    _require(command, 'db')
-    if command == 'init':
-        _require(command, 'cfg_path')
-        gallery, cfg = init_with_model(FLAGS.db, FLAGS.cfg_path, FLAGS.key_mode, FLAGS.key_file)
+def _init():
+    from modules.deploy.hashing import init_with_model
+    _require('init', 'cfg_path')
+    gallery, cfg = init_with_model(FLAGS.db, FLAGS.cfg_path, FLAGS.key_mode, FLAGS.key_file)
+    with contextlib.closing(gallery):
         where = (f"key file {gallery.key_file} (mode 0600, key id {gallery.meta['key_id']})"
                  if FLAGS.key_mode == 'application' else
                  'no key: every subject gets its own key file at enrolment (--key_out)')
         print(f"[*] created {FLAGS.db} (m={cfg['m']}, q={cfg['q']}, model "
               f"{gallery.meta['model_fp'][:16]}) and {where}")
-    elif command in ('enroll', 'verify'):
-        _require(command, 'name', 'image')
-        with contextlib.closing(Gallery.open(FLAGS.db, FLAGS.key_file)) as gallery:
-            key = _subject_key(gallery, command)  # before the model is loaded
-        gallery, hasher, cfg = open_with_model(FLAGS.db, FLAGS.cfg_path,
-                                               FLAGS.name if command == 'verify' else None,
-                                               FLAGS.key_file)
-        if command == 'verify':
-            threshold, source = _threshold(cfg)
-            code = hasher.photo_codes([FLAGS.image], FLAGS.align, key)
-            distance = gallery.verify(FLAGS.name, code)
-            # A wrong subject key never matches, whatever the distance of its code.
-            key_ok = gallery.key_matches(FLAGS.name, key)
-            match = key_ok and accepts(distance, threshold)
-            note = '' if key_ok else f' (the key is not the one {FLAGS.name} was enrolled with)'
-            print(f"{FLAGS.name}: distance {distance} / {gallery.m}, threshold {threshold:g} "
-                  f"({source}): {'MATCH' if match else 'NO MATCH'}{note}")
-            sys.exit(0 if match else 1)
-        _enroll_one(gallery, hasher, key)
-    elif command == 'enroll_dir':
-        _require(command, 'input_dir')
-        folders = identity_folders(FLAGS.input_dir)
-        gallery, hasher, cfg = open_with_model(FLAGS.db, FLAGS.cfg_path, key_file=FLAGS.key_file)
-        from modules.align import load_face
+
+
+def _enroll_or_verify(command):
+    from modules.deploy.decision import accepts
+    from modules.deploy.gallery import Gallery
+    from modules.deploy.hashing import open_with_model
+    _require(command, 'name', 'image')
+    with contextlib.closing(Gallery.open(FLAGS.db, FLAGS.key_file)) as gallery:
+        key = _subject_key(gallery, command)  # before the model is loaded
+    gallery, hasher, cfg = open_with_model(FLAGS.db, FLAGS.cfg_path,
+                                           FLAGS.name if command == 'verify' else None,
+                                           FLAGS.key_file)
+    with contextlib.closing(gallery):
+        if command == 'enroll':
+            return _enroll_one(gallery, hasher, key)
+        threshold, source = _threshold(cfg)
+        code = hasher.photo_codes([FLAGS.image], FLAGS.align, key)
+        distance = gallery.verify(FLAGS.name, code)
+        # A wrong subject key never matches, whatever the distance of its code.
+        key_ok = gallery.key_matches(FLAGS.name, key)
+        match = key_ok and accepts(distance, threshold)
+        note = '' if key_ok else f' (the key is not the one {FLAGS.name} was enrolled with)'
+        print(f"{FLAGS.name}: distance {distance} / {gallery.m}, threshold {threshold:g} "
+              f"({source}): {'MATCH' if match else 'NO MATCH'}{note}")
+    sys.exit(0 if match else 1)
+
+
+def _enroll_dir():
+    from modules.align import load_face
+    from modules.deploy.hashing import enroll_folders, identity_folders, open_with_model
+    _require('enroll_dir', 'input_dir')
+    folders = identity_folders(FLAGS.input_dir)
+    gallery, hasher, cfg = open_with_model(FLAGS.db, FLAGS.cfg_path, key_file=FLAGS.key_file)
+    with contextlib.closing(gallery):
         summary = enroll_folders(gallery, folders, hasher.codes,
                                  lambda p: load_face(p, cfg['input_size'], FLAGS.align),
                                  progress=FLAGS.progress)
-        print(f"[*] {len(folders)} subjects: {summary['enrolled']} enrolled "
-              f"({summary['templates']} templates), {summary['skipped']} already enrolled, "
-              f"{len(summary['empty'])} without a usable photo; {len(summary['failed'])} photos "
-              'failed')
-        for path, reason in summary['failed']:
-            print(f'    failed: {path}: {reason}')
-        for name in summary['empty']:
-            print(f'    not enrolled: {name} (no usable photo)')
-    elif command == 'identify':
-        _require(command, 'image')
-        with contextlib.closing(Gallery.open(FLAGS.db, FLAGS.key_file)) as gallery:
-            gallery.check_can_identify()  # before the model is loaded
-        gallery, hasher, cfg = open_with_model(FLAGS.db, FLAGS.cfg_path, key_file=FLAGS.key_file)
+    print(f"[*] {len(folders)} subjects: {summary['enrolled']} enrolled "
+          f"({summary['templates']} templates), {summary['skipped']} already enrolled, "
+          f"{len(summary['empty'])} without a usable photo; {len(summary['failed'])} photos "
+          'failed')
+    for path, reason in summary['failed']:
+        print(f'    failed: {path}: {reason}')
+    for name in summary['empty']:
+        print(f'    not enrolled: {name} (no usable photo)')
+
+
+def _identify():
+    from modules.deploy.decision import accepts
+    from modules.deploy.gallery import Gallery
+    from modules.deploy.hashing import open_with_model
+    _require('identify', 'image')
+    with contextlib.closing(Gallery.open(FLAGS.db, FLAGS.key_file)) as gallery:
+        gallery.check_can_identify()  # before the model is loaded
+    gallery, hasher, cfg = open_with_model(FLAGS.db, FLAGS.cfg_path, key_file=FLAGS.key_file)
+    with contextlib.closing(gallery):
         threshold, source = _threshold(cfg)
         found = gallery.identify(hasher.photo_codes([FLAGS.image], FLAGS.align), FLAGS.top_k)
         print(f'threshold {threshold:g} ({source}); {gallery.count()} templates')
         for rank, (name, distance, _) in enumerate(found, 1):
             mark = 'MATCH' if accepts(distance, threshold) else ''
             print(f'{rank:3d}. {name:30s} distance {distance:4d} / {gallery.m} {mark}')
-        sys.exit(0 if accepts(found[0][1], threshold) else 1)
-    elif command == 'revoke':
-        _require(command, 'name')
-        deleted = Gallery.open(FLAGS.db, FLAGS.key_file).revoke(FLAGS.name)
-        print(f'[*] revoked {FLAGS.name}: {deleted} template(s) deleted')
-    elif command == 'rekey':
-        gallery = Gallery.open(FLAGS.db, FLAGS.key_file)
-        if not gallery.subject_keys:
-            from modules.config import STAGE2_REQUIRED, load_config
-            from modules.deploy.hashing import check_key_change
-            check_key_change(load_config(FLAGS.cfg_path or gallery.meta['cfg_path'],
-                                         STAGE2_REQUIRED))
-        old = gallery.meta['key_id']
-        deleted = gallery.rekey()
-        print(f"[*] new key {gallery.meta['key_id']} (was {old}) in {gallery.key_file}; {deleted} "
-              'template(s) deleted: every subject must enrol again')
-    else:
-        gallery = Gallery.open(FLAGS.db, FLAGS.key_file)
-        print(f"{FLAGS.db}: m={gallery.m} q={gallery.q}, {gallery.meta['key_mode']} key(s), key id "
-              f"{gallery.meta['key_id']}, model "
-              f"{gallery.meta['model_fp'][:16]}, {gallery.count()} templates")
-        for name, count, first, last in gallery.subjects():
-            print(f'  {name:30s} {count:3d} template(s), enrolled {_when(first)}'
-                  + (f', last {_when(last)}' if last != first else ''))
-        print('audit:')
-        for ts, event, name, detail in gallery.audit()[-20:]:
-            print(f"  {_when(ts)} {event:7s} {name or '-':20s} {detail}")
+    sys.exit(0 if accepts(found[0][1], threshold) else 1)
+
+
+def _revoke(gallery):
+    _require('revoke', 'name')
+    deleted = gallery.revoke(FLAGS.name)
+    print(f'[*] revoked {FLAGS.name}: {deleted} template(s) deleted')
+
+
+def _rekey(gallery):
+    if not gallery.subject_keys:
+        from modules.config import STAGE2_REQUIRED, load_config
+        from modules.deploy.hashing import check_key_change
+        check_key_change(load_config(FLAGS.cfg_path or gallery.meta['cfg_path'], STAGE2_REQUIRED))
+    old = gallery.meta['key_id']
+    deleted = gallery.rekey()
+    print(f"[*] new key {gallery.meta['key_id']} (was {old}) in {gallery.key_file}; {deleted} "
+          'template(s) deleted: every subject must enrol again')
+
+
+def _list(gallery):
+    print(f"{FLAGS.db}: m={gallery.m} q={gallery.q}, {gallery.meta['key_mode']} key(s), key id "
+          f"{gallery.meta['key_id']}, model "
+          f"{gallery.meta['model_fp'][:16]}, {gallery.count()} templates")
+    for name, count, first, last in gallery.subjects():
+        print(f'  {name:30s} {count:3d} template(s), enrolled {_when(first)}'
+              + (f', last {_when(last)}' if last != first else ''))
+    print('audit:')
+    for ts, event, name, detail in gallery.audit()[-20:]:
+        print(f"  {_when(ts)} {event:7s} {name or '-':20s} {detail}")
+
+
+# Commands that need the hashing model, and those that only open the database.
+_WITH_MODEL = {'init': _init, 'enroll': lambda: _enroll_or_verify('enroll'),
+               'verify': lambda: _enroll_or_verify('verify'), 'enroll_dir': _enroll_dir,
+               'identify': _identify}
+_DATABASE_ONLY = {'revoke': _revoke, 'rekey': _rekey, 'list': _list}
+
+
+@cli_guard
+def main(argv):
+    """Dispatch the sub-command."""
+    from modules.deploy.gallery import Gallery
+    if len(argv) != 2 or argv[1] not in COMMANDS:
+        raise UserError(f"give one sub-command: {', '.join(COMMANDS)} (got {' '.join(argv[1:])!r})")
+    command = argv[1]
+    _require(command, 'db')
+    if command in _WITH_MODEL:
+        return _WITH_MODEL[command]()
+    with contextlib.closing(Gallery.open(FLAGS.db, FLAGS.key_file)) as gallery:
+        _DATABASE_ONLY[command](gallery)
 
 
 if __name__ == '__main__':

@@ -250,35 +250,71 @@ def attack_report(model_or_stack, embeddings, issame, victims=200, attack_keys=5
         progress('[*] the model has hidden layers: the linear-program attack does not apply')
     all_codes = stolen_stack.codes(embeddings)
     points, _ = operating_points(all_codes, issame, fars)
+    v = _victims(embeddings, all_codes, issame, victims, seed)
+    found, seconds = _preimages(stolen_stack, v, attacks, seed, progress)
+    # The attacker who guessed a wrong key (a database dump without the victims' keys).
+    x_wrong = gradient_preimage(base.under(wrong_key), v['stolen'], v['radius'], seed=seed + 1)
+    distances = _attack_distances(stolen_stack, [base.under(k) for k in new_keys], v, found,
+                                  x_wrong)
+    fixed = _fixed_figures(v, found, seconds, x_wrong, distances)
 
+    def at(threshold):
+        return {part: {**fixed[part], **{k: float(np.mean(d <= threshold)) for k, d in ds.items()}}
+                for part, ds in distances.items()}
+
+    (_, eer_t, eer_source), *far_points = points
+    report = {'victims': len(v['stolen']), 'm': base.m, 'q': base.q, 'attack_keys': attack_keys,
+              'threshold': float(eer_t), 'threshold_source': eer_source,
+              'accept_rule': 'Hamming distance <= threshold', **at(eer_t),
+              'at_far': {name: {'threshold': float(t), 'threshold_source': source, **at(t)}
+                         for name, t, source in far_points}}
+    if 'gradient' in found:
+        report['linkage'] = _linkage(found['gradient'], v['stolen'], base.under(link_key), v['x_b'],
+                                     v['radius'], seed)
+    report['histograms'] = {
+        'genuine': distances['baselines']['genuine_accept_cross_key'].ravel(),
+        'impostor': distances['baselines']['impostor_accept'].ravel(),
+        **{f'attack_{name}': distances[name]['cross_key_accept_same_image'].ravel()
+           for name in found}}
+    return report
+
+
+def _victims(embeddings, all_codes, issame, victims, seed):
+    """The victims' photos and stolen codes, their impostors, and what the attacker knows of real
+    embeddings (norm and per-dimension range of the images that are not victims')."""
     a_idx, b_idx = victim_pairs(issame, victims, seed)
     x_a, x_b = embeddings[a_idx], embeddings[b_idx]
-    # Impostor of victim v: the other photo of the next victim (a different person).
-    x_imp = np.roll(x_b, -1, axis=0)
-    # What the attacker knows of real embeddings, from the images that are not victims'.
     public = np.delete(embeddings, np.r_[a_idx, b_idx], axis=0)
     public = public if len(public) >= 10 else embeddings
-    radius = float(np.median(np.linalg.norm(public, axis=1)))
     low, high = np.percentile(public, [0.5, 99.5], axis=0)
-    stolen, stolen_b = all_codes[a_idx], all_codes[b_idx]
-    n = len(a_idx)
+    # Impostor of victim v: the other photo of the next victim (a different person).
+    return {'x_a': x_a, 'x_b': x_b, 'x_imp': np.roll(x_b, -1, axis=0),
+            'stolen': all_codes[a_idx], 'stolen_b': all_codes[b_idx], 'low': low, 'high': high,
+            'radius': float(np.median(np.linalg.norm(public, axis=1)))}
 
+
+def _preimages(stolen_stack, v, attacks, seed, progress):
+    """({attack: pre-images (V, d)}, {attack: seconds per victim}) for the stolen codes."""
     found, seconds = {}, {}
+    n = len(v['stolen'])
     for name in attacks:
         progress(f'[*] {name} attack on {n} victims')
         start = time.perf_counter()
         if name == 'lp':
-            found[name] = np.stack([lp_preimage(stolen_stack, c, low, high)[0] for c in stolen])
+            found[name] = np.stack([lp_preimage(stolen_stack, c, v['low'], v['high'])[0]
+                                    for c in v['stolen']])
         else:
-            found[name] = gradient_preimage(stolen_stack, stolen, radius, seed=seed)
+            found[name] = gradient_preimage(stolen_stack, v['stolen'], v['radius'], seed=seed)
         seconds[name] = (time.perf_counter() - start) / n
-    # The attacker who guessed a wrong key (a database dump without the victims' keys).
-    x_wrong = gradient_preimage(base.under(wrong_key), stolen, radius, seed=seed + 1)
+    return found, seconds
 
-    new_stacks = [base.under(k) for k in new_keys]
-    enrol_a = np.stack([s.codes(x_a) for s in new_stacks])        # (K, V, m) re-enrolled from A
-    enrol_b = np.stack([s.codes(x_b) for s in new_stacks])        # ... from another photo
-    imp_codes = np.stack([s.codes(x_imp) for s in new_stacks])
+
+def _attack_distances(stolen_stack, new_stacks, v, found, x_wrong):
+    """Hamming distances of every attack and baseline comparison, keyed by part and measure."""
+    stolen = v['stolen']
+    enrol_a = np.stack([s.codes(v['x_a']) for s in new_stacks])    # (K, V, m) re-enrolled from A
+    enrol_b = np.stack([s.codes(v['x_b']) for s in new_stacks])    # ... from another photo
+    imp_codes = np.stack([s.codes(v['x_imp']) for s in new_stacks])
     distances = {
         'baselines': {
             'genuine_accept_cross_key': _hamming(enrol_b, enrol_a),
@@ -291,10 +327,16 @@ def attack_report(model_or_stack, embeddings, issame, victims=200, attack_keys=5
         codes_k = stolen_stack.codes(x)
         distances[name] = {
             'same_key_accept': _hamming(codes_k, stolen),
-            'same_key_accept_genuine_probe': _hamming(codes_k, stolen_b),
+            'same_key_accept_genuine_probe': _hamming(codes_k, v['stolen_b']),
             'cross_key_accept_same_image': _hamming(under_new, enrol_a),
             'cross_key_accept_other_image': _hamming(under_new, enrol_b),
         }
+    return distances
+
+
+def _fixed_figures(v, found, seconds, x_wrong, distances):
+    """The figures that do not depend on a threshold: exact reproductions, cosines, rank-1, time."""
+    x_a, x_b = v['x_a'], v['x_b']
     # A distance of 0 under the stolen key is the stolen code reproduced exactly.
     fixed = {name: {'same_key_code_match': float(np.mean(distances[name]['same_key_accept'] == 0)),
                     'cosine_mean': float(np.mean(_cosine(x, x_a))),
@@ -303,29 +345,10 @@ def attack_report(model_or_stack, embeddings, issame, victims=200, attack_keys=5
                     'seconds_per_victim': seconds[name]}
              for name, x in found.items()}
     fixed['baselines'] = {'cosine_same_person': float(np.mean(_cosine(x_a, x_b))),
-                          'cosine_other_person': float(np.mean(_cosine(x_a, x_imp))),
+                          'cosine_other_person': float(np.mean(_cosine(x_a, v['x_imp']))),
                           'rank1_true_embedding': _rank1(x_a, x_b),
                           'wrong_key_cosine_mean': float(np.mean(_cosine(x_wrong, x_a)))}
-
-    def at(threshold):
-        return {part: {**fixed[part], **{k: float(np.mean(d <= threshold)) for k, d in ds.items()}}
-                for part, ds in distances.items()}
-
-    (_, eer_t, eer_source), *far_points = points
-    report = {'victims': n, 'm': base.m, 'q': base.q, 'attack_keys': attack_keys,
-              'threshold': float(eer_t), 'threshold_source': eer_source,
-              'accept_rule': 'Hamming distance <= threshold', **at(eer_t),
-              'at_far': {name: {'threshold': float(t), 'threshold_source': source, **at(t)}
-                         for name, t, source in far_points}}
-    if 'gradient' in found:
-        report['linkage'] = _linkage(found['gradient'], stolen, base.under(link_key), x_b, radius,
-                                     seed)
-    report['histograms'] = {
-        'genuine': distances['baselines']['genuine_accept_cross_key'].ravel(),
-        'impostor': distances['baselines']['impostor_accept'].ravel(),
-        **{f'attack_{name}': distances[name]['cross_key_accept_same_image'].ravel()
-           for name in found}}
-    return report
+    return fixed
 
 
 def _linkage(preimages_1, codes_1, stack_2, x_b, radius, seed):

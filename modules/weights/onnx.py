@@ -323,6 +323,21 @@ def _check_flatten(g, node, weight):
     return int(target[0]) if target[0] > 0 else None
 
 
+class _Collected:
+    """Canonical layers gathered from a graph, and how many conv biases had no BN to fold."""
+
+    def __init__(self):
+        self.canon, self.folded = {}, 0
+
+    def conv(self, name, conv, bn):
+        """Keep a convolution and the BatchNorm after it (None: a bias folded in)."""
+        self.canon[name] = conv
+        if bn is not None:
+            self.canon[bn_after(name)] = bn
+        elif conv['bias'] is not None:
+            self.folded += 1
+
+
 def onnx_to_npy(path, backbone=None, assume_norm=None):
     """Convert an InsightFace iresnet ONNX model to a weight dict; returns (weights, summary).
 
@@ -334,26 +349,36 @@ def onnx_to_npy(path, backbone=None, assume_norm=None):
     a, b, norm_text, t = _onnx_prenorm(g, g.inputs[0], assume_norm)
     in_graph = t != g.inputs[0]
     scale = norm_scale(a, b, norm_text, f'{path}: ')
-    canon, folded = {}, 0
-
-    def put_conv(name, conv, bn):
-        nonlocal folded
-        canon[name] = conv
-        if bn is not None:
-            canon[bn_after(name)] = bn
-        elif conv['bias'] is not None:
-            folded += 1
-
+    col = _Collected()
     conv0 = g.only(t, ('Conv',), 'the input')
     conv, bn, t = _onnx_conv(g, conv0, 3, 1, FILTERS[0], 'conv0')
-    put_conv('conv0', conv, bn)
-    canon['relu0'], t = _onnx_prelu(g, t, 'conv0', FILTERS[0])
+    col.conv('conv0', conv, bn)
+    col.canon['relu0'], t = _onnx_prelu(g, t, 'conv0', FILTERS[0])
+    units, last_bn = _onnx_units(g, t, col, path)
+    name = backbone_for_units(tuple(units), backbone, f'{path}: ')
+    col.canon['bn1'] = _onnx_bn(g, last_bn)
+    fixed_batch = _onnx_head(g, last_bn, col.canon, path)
+    canon = col.canon
+    sources = {k: v.pop('node') for k, v in canon.items() if 'node' in v}
+    check_canonical(canon, tuple(units), f'{path}: ', sources)
+    weights = canonical_to_npy(canon, tuple(units), scale)
+    weights[META_KEY] = weight_meta('onnx', name, norm_text)
+    summary = {'source': f'ONNX {path}', 'backbone': name, 'units': tuple(units),
+               'layers': len(weights) - 1, 'input_norm': norm_text, 'conv0_scale': scale,
+               'folded_bn': col.folded, 'ignored': [], 'opset': g.opset,
+               'fixed_batch': fixed_batch, 'feed': None if in_graph else (a, b),
+               'seconds': time.perf_counter() - start}
+    return weights, summary
+
+
+def _onnx_units(g, t, col, path):
+    """Walk the residual units from tensor `t`: (units per stage, the final BatchNormalization)."""
     units, stage, unit = [], 0, 0
     while True:
         nodes = g.follow(t)
         bns = [n for n in nodes if n.op_type == 'BatchNormalization']
         if len(nodes) == 1 and bns:
-            break
+            return units, bns[0]
         others = [n for n in nodes if n.op_type != 'BatchNormalization']
         if len(nodes) != 2 or len(bns) != 1 or others[0].op_type not in ('Add', 'Conv'):
             found = ', '.join(f'{n.op_type} {n.name!r}' for n in nodes) or 'nothing'
@@ -370,48 +395,37 @@ def onnx_to_npy(path, backbone=None, assume_norm=None):
         else:
             unit += 1
         units[-1] += 1
-        p, filters = f'stage{stage}_unit{unit}', FILTERS[stage - 1]
-        canon[p + '_bn1'] = _onnx_bn(g, bns[0])
-        node = g.only(bns[0].output[0], ('Conv',), p + '_bn1')
-        conv, bn, x = _onnx_conv(g, node, 3, 1, filters, p + '_conv1')
-        put_conv(p + '_conv1', conv, bn)
-        canon[p + '_relu1'], x = _onnx_prelu(g, x, p + '_conv1', filters)
-        node = g.only(x, ('Conv',), p + '_relu1')
-        conv, bn, x = _onnx_conv(g, node, 3, 2 if downsample else 1, filters, p + '_conv2')
-        put_conv(p + '_conv2', conv, bn)
-        shortcut = t
-        if downsample:
-            conv, bn, shortcut = _onnx_conv(g, others[0], 1, 2, filters, p + '_conv1sc')
-            put_conv(p + '_conv1sc', conv, bn)
-        add = g.only(x, ('Add',), p + '_conv2')
-        if sorted(g.source(i) for i in add.input) != sorted((g.source(x), g.source(shortcut))):
-            raise UserError(f'{path}: Add {add.name!r} does not join {p} with its shortcut')
-        t = add.output[0]
-    name = backbone_for_units(tuple(units), backbone, f'{path}: ')
-    canon['bn1'] = _onnx_bn(g, bns[0])
-    flatten = g.only(bns[0].output[0], ('Flatten', 'Reshape'), 'the last BatchNormalization')
+        t = _onnx_unit(g, t, bns[0], others[0] if downsample else None, stage, unit, col, path)
+
+
+def _onnx_unit(g, t, bn1, shortcut_conv, stage, unit, col, path):
+    """One residual unit whose input is `t`; returns its output tensor."""
+    p, filters = f'stage{stage}_unit{unit}', FILTERS[stage - 1]
+    col.canon[p + '_bn1'] = _onnx_bn(g, bn1)
+    node = g.only(bn1.output[0], ('Conv',), p + '_bn1')
+    conv, bn, x = _onnx_conv(g, node, 3, 1, filters, p + '_conv1')
+    col.conv(p + '_conv1', conv, bn)
+    col.canon[p + '_relu1'], x = _onnx_prelu(g, x, p + '_conv1', filters)
+    node = g.only(x, ('Conv',), p + '_relu1')
+    conv, bn, x = _onnx_conv(g, node, 3, 1 if shortcut_conv is None else 2, filters, p + '_conv2')
+    col.conv(p + '_conv2', conv, bn)
+    shortcut = t
+    if shortcut_conv is not None:
+        conv, bn, shortcut = _onnx_conv(g, shortcut_conv, 1, 2, filters, p + '_conv1sc')
+        col.conv(p + '_conv1sc', conv, bn)
+    add = g.only(x, ('Add',), p + '_conv2')
+    if sorted(g.source(i) for i in add.input) != sorted((g.source(x), g.source(shortcut))):
+        raise UserError(f'{path}: Add {add.name!r} does not join {p} with its shortcut')
+    return add.output[0]
+
+
+def _onnx_head(g, last_bn, canon, path):
+    """Flatten, the fully connected layer and its BatchNorm into `canon`; returns fixed_batch."""
+    flatten = g.only(last_bn.output[0], ('Flatten', 'Reshape'), 'the last BatchNormalization')
     node = g.only(flatten.output[0], ('Gemm', 'MatMul'), flatten.op_type)
     fc_node = node.name
-    if node.op_type == 'Gemm':
-        ga = g.attr(node)
-        if ga.get('transA', 0):
-            raise UserError(f'{path}: Gemm {node.name!r} with transA is unsupported')
-        w = g.const(node, 1, 'the weight')
-        weight = ga.get('alpha', 1.0) * (w if ga.get('transB', 0) else w.T)
-        c = g.const(node, 2, 'the bias')
-        c = np.zeros(1) if c is None else c.reshape(-1)
-        if c.size not in (1, weight.shape[0]):
-            raise UserError(f'{path}: Gemm {node.name!r} bias has {c.size} values')
-        bias = np.broadcast_to(ga.get('beta', 1.0) * c, (weight.shape[0],)).astype(np.float64)
-        t = node.output[0]
-    else:
-        weight = g.const(node, 1, 'the weight').T
-        node = g.only(node.output[0], ('Add',), 'MatMul')
-        const_in = [i for i in node.input if i in g.consts]
-        if len(const_in) != 1:
-            raise UserError(f'{path}: Add {node.name!r} after MatMul needs a constant bias')
-        bias = np.asarray(g.consts[const_in[0]], np.float64).reshape(-1)
-        t = node.output[0]
+    weight, bias, t = (_onnx_gemm(g, node, path) if node.op_type == 'Gemm' else
+                       _onnx_matmul_add(g, node, path))
     fixed_batch = _check_flatten(g, flatten, weight)
     canon['pre_fc1'] = {'weight': weight, 'bias': bias, 'node': fc_node}
     tail = g.follow(t)
@@ -428,12 +442,30 @@ def onnx_to_npy(path, backbone=None, assume_norm=None):
     if tail:
         raise UserError(f'{path}: unsupported layers after {what}: '
                         + ', '.join(f'{n.op_type} {n.name!r}' for n in tail))
-    sources = {k: v.pop('node') for k, v in canon.items() if 'node' in v}
-    check_canonical(canon, tuple(units), f'{path}: ', sources)
-    weights = canonical_to_npy(canon, tuple(units), scale)
-    weights[META_KEY] = weight_meta('onnx', name, norm_text)
-    summary = {'source': f'ONNX {path}', 'backbone': name, 'units': tuple(units),
-               'layers': len(weights) - 1, 'input_norm': norm_text, 'conv0_scale': scale,
-               'folded_bn': folded, 'ignored': [], 'opset': g.opset, 'fixed_batch': fixed_batch,
-               'feed': None if in_graph else (a, b), 'seconds': time.perf_counter() - start}
-    return weights, summary
+    return fixed_batch
+
+
+def _onnx_gemm(g, node, path):
+    """(weight (out, in), bias, output tensor) of a Gemm fully connected layer."""
+    ga = g.attr(node)
+    if ga.get('transA', 0):
+        raise UserError(f'{path}: Gemm {node.name!r} with transA is unsupported')
+    w = g.const(node, 1, 'the weight')
+    weight = ga.get('alpha', 1.0) * (w if ga.get('transB', 0) else w.T)
+    c = g.const(node, 2, 'the bias')
+    c = np.zeros(1) if c is None else c.reshape(-1)
+    if c.size not in (1, weight.shape[0]):
+        raise UserError(f'{path}: Gemm {node.name!r} bias has {c.size} values')
+    bias = np.broadcast_to(ga.get('beta', 1.0) * c, (weight.shape[0],)).astype(np.float64)
+    return weight, bias, node.output[0]
+
+
+def _onnx_matmul_add(g, node, path):
+    """(weight (out, in), bias, output tensor) of a MatMul + Add fully connected layer."""
+    weight = g.const(node, 1, 'the weight').T
+    node = g.only(node.output[0], ('Add',), 'MatMul')
+    const_in = [i for i in node.input if i in g.consts]
+    if len(const_in) != 1:
+        raise UserError(f'{path}: Add {node.name!r} after MatMul needs a constant bias')
+    bias = np.asarray(g.consts[const_in[0]], np.float64).reshape(-1)
+    return weight, bias, node.output[0]
