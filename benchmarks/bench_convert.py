@@ -24,7 +24,6 @@ from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, 'tests'))  # the format writers of the weight tests
 
 from modules.config import INSIGHT_UNITS  # noqa: E402
 from modules.utils import cli_guard, quiet_tensorflow  # noqa: E402
@@ -56,12 +55,13 @@ def convert(source, output, extra=()):
 def main(_):
     """Write, convert and compare every format; print one table."""
     quiet_tensorflow()
-    from test_weights import make_onnx, source_params, write_mx_params, write_mx_symbol
-    from test_weights_sources import params_of_state, torch_state, write_pth
-
     from modules.backbones import insight_resnet
     from modules.weights import load_npy_weights
     from modules.weights.verify import onnx_embeddings, sample_faces
+    from tests.helpers.iresnet import source_params  # the format writers of the weight tests
+    from tests.helpers.mxnet_files import write_mx_params, write_mx_symbol
+    from tests.helpers.onnx_graphs import make_onnx
+    from tests.helpers.pth_files import params_of_state, torch_state, write_pth
 
     units = INSIGHT_UNITS[FLAGS.backbone]
     faces = sample_faces(112)

@@ -35,3 +35,12 @@ def tfrecord(tmp_path_factory):
     path = str(base / 'train.tfrecord')
     write_tfrecord(str(base / 'imgs'), path, binary=True)
     return path
+
+
+@pytest.fixture
+def tiny_iresnet(monkeypatch):
+    """Register a reduced-depth LResNet-IR so building and converting it stays fast (weights tests)."""
+    from modules import backbones
+    from tests.helpers.iresnet import TINY_UNITS
+    monkeypatch.setitem(backbones.INSIGHT_UNITS, 'Insight_ResNetTiny', TINY_UNITS)
+    return 'Insight_ResNetTiny'
