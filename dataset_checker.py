@@ -1,12 +1,12 @@
 """Check a config's training data: decode a few batches (statistics, image grid), or --full: all of it."""
 from absl import app, flags
 
-from modules import config
+from modules import script_flags
 from modules.config import load_config
 from modules.utils import cli_guard, quiet_tensorflow
 
-config.define_cfg_path(1, 'config file path (stage 1 or 2)')
-flags.adopt_module_key_flags(config)  # --cfg_path listed by --help as the script's own
+script_flags.define(1, 'config file path (stage 1 or 2)')
+flags.adopt_module_key_flags(script_flags)  # listed by --help as the script's own
 flags.DEFINE_integer('num_batches', 2, 'number of batches to decode')
 flags.DEFINE_string('output', 'logs/dataset_check.png', 'PNG grid of up to 32 images')
 flags.DEFINE_boolean('augment', True, 'show the training augmentations (--noaugment: plain images)')

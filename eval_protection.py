@@ -12,12 +12,12 @@ import os
 import numpy as np
 from absl import app, flags
 
-from modules import config
+from modules import script_flags
 from modules.config import STAGE2_REQUIRED, load_config, log_dir
 from modules.utils import UserError, atomic_output, cli_guard, quiet_tensorflow
 
-config.define_cfg_path(2, 'stage-2 config file path')
-flags.adopt_module_key_flags(config)  # --cfg_path listed by --help as the script's own
+script_flags.define(2, 'stage-2 config file path', gpu=True)
+flags.adopt_module_key_flags(script_flags)  # listed by --help as the script's own
 flags.DEFINE_enum('set', 'lfw', ['lfw', 'agedb_30', 'cfp_fp'], 'verification set to use')
 flags.DEFINE_integer('num_keys', 5, 'random permutation keys to hash under (at least 2)')
 flags.DEFINE_integer('seed', 0, 'seed of the random keys')
@@ -29,7 +29,6 @@ flags.DEFINE_bool('attacks', False, 'also run the stolen-key attacks (pre-image,
 flags.DEFINE_integer('victims', 200, 'attacks: genuine pairs attacked (at most the set has)')
 flags.DEFINE_integer('attack_keys', 5, 'attacks: new keys the victims are re-enrolled under')
 flags.DEFINE_list('far', [], 'attacks: also report at the thresholds of these false-accept rates')
-flags.DEFINE_string('gpu', None, "GPUs to use, e.g. '0' (default: all visible)")
 FLAGS = flags.FLAGS
 
 

@@ -7,12 +7,12 @@ import os
 
 from absl import app, flags
 
-from modules import config
+from modules import script_flags
 from modules.config import STAGE2_REQUIRED, load_config
 from modules.utils import UserError, cli_guard, quiet_tensorflow
 
-config.define_cfg_path(2, 'stage-2 config file path')
-flags.adopt_module_key_flags(config)  # --cfg_path listed by --help as the script's own
+script_flags.define(2, 'stage-2 config file path')
+flags.adopt_module_key_flags(script_flags)  # listed by --help as the script's own
 flags.DEFINE_enum('format', 'saved_model', ['saved_model', 'tflite', 'onnx'], 'export format')
 flags.DEFINE_string('output', None, 'output file (tflite, onnx) or folder (saved_model)')
 flags.DEFINE_bool('embedding', False, 'export the float embedding model (N, embd_shape) instead '

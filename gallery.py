@@ -17,14 +17,14 @@ import sys
 
 from absl import app, flags
 
-from modules import config
+from modules import script_flags
 from modules.deploy import flags as gallery_flags
 from modules.utils import UserError, cli_guard
 
 COMMANDS = ('init', 'enroll', 'enroll_dir', 'verify', 'identify', 'revoke', 'rekey', 'list')
-config.define_cfg_path(None, 'init: stage-2 config of the hashing model (later commands '
+script_flags.define(None, 'init: stage-2 config of the hashing model (later commands '
                     'use the one recorded in the database unless given)')
-flags.adopt_module_key_flags(config)  # --cfg_path listed by --help as the script's own
+flags.adopt_module_key_flags(script_flags)  # listed by --help as the script's own
 flags.DEFINE_string('name', None, 'subject name (enroll, verify, revoke)')
 flags.DEFINE_string('image', None, 'face photo: a 112x112 aligned crop or a photograph (aligned '
                     'with modules.align, see --align)')

@@ -3,20 +3,19 @@ import os
 
 from absl import app, flags
 
-from modules import config
+from modules import script_flags
 from modules.align import ALIGN_MODES
 from modules.config import STAGE2_REQUIRED, load_config
 from modules.utils import cli_guard, quiet_tensorflow
 
-config.define_cfg_path(2, 'stage-2 config file path')
-flags.adopt_module_key_flags(config)  # --cfg_path listed by --help as the script's own
+script_flags.define(2, 'stage-2 config file path', gpu=True)
+flags.adopt_module_key_flags(script_flags)  # listed by --help as the script's own
 flags.DEFINE_string('sample_dir', os.path.join('data', 'samples'),
                     'folder with personA_1.jpg, personA_2.jpg and personB_1.jpg: aligned 112x112 '
                     'crops or photographs (see --align)')
 flags.DEFINE_enum('align', 'auto', ALIGN_MODES,
                   'detect and align faces: auto = only photos that are not already input_size '
                   'square, always = every photo, never = resize as they are')
-flags.DEFINE_string('gpu', None, "GPUs to use, e.g. '0' (default: all visible)")
 FLAGS = flags.FLAGS
 SAMPLES = ('personA_1.jpg', 'personA_2.jpg', 'personB_1.jpg')
 

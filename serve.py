@@ -14,13 +14,13 @@ import sys
 
 from absl import app, flags
 
-from modules import config
+from modules import script_flags
 from modules.deploy import flags as gallery_flags
 from modules.utils import UserError, cli_guard
 
-config.define_cfg_path(None, 'stage-2 config of the hashing model (default: the one '
+script_flags.define(None, 'stage-2 config of the hashing model (default: the one '
                     'recorded in the gallery; needed to create a new gallery)')
-flags.adopt_module_key_flags(config)  # --cfg_path listed by --help as the script's own
+flags.adopt_module_key_flags(script_flags)  # listed by --help as the script's own
 flags.DEFINE_string('host', '127.0.0.1', 'address to bind (loopback: put a TLS proxy in front '
                     'for other machines, see docs/service.md)')
 flags.DEFINE_integer('port', 8000, 'TCP port', lower_bound=0, upper_bound=65535)

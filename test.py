@@ -1,13 +1,12 @@
 """Evaluate a stage-1 ArcFace model (float embeddings) on LFW / AgeDB-30 / CFP-FP."""
 from absl import app, flags
 
-from modules import config
+from modules import script_flags
 from modules.config import TEST_REQUIRED, load_config, log_dir
 from modules.utils import cli_guard, quiet_tensorflow
 
-config.define_cfg_path(1, 'stage-1 config file path')
-flags.adopt_module_key_flags(config)  # --cfg_path listed by --help as the script's own
-flags.DEFINE_string('gpu', None, "GPUs to use, e.g. '0' (default: all visible)")
+script_flags.define(1, 'stage-1 config file path', gpu=True)
+flags.adopt_module_key_flags(script_flags)  # listed by --help as the script's own
 FLAGS = flags.FLAGS
 
 

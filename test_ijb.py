@@ -5,12 +5,12 @@ import time
 
 from absl import app, flags
 
-from modules import config
+from modules import script_flags
 from modules.config import STAGE2_REQUIRED, TEST_REQUIRED, load_config, log_dir
 from modules.utils import UserError, cli_guard, quiet_tensorflow
 
-config.define_cfg_path(None, 'stage-1 config (a stage-2 config with --iom)')
-flags.adopt_module_key_flags(config)  # --cfg_path listed by --help as the script's own
+script_flags.define(None, 'stage-1 config (a stage-2 config with --iom)', gpu=True)
+flags.adopt_module_key_flags(script_flags)  # listed by --help as the script's own
 flags.DEFINE_string('ijb_root', None, 'folder holding IJBC/ and IJBB/ (InsightFace IJB_release)')
 flags.DEFINE_enum('dataset', 'IJBC', ['IJBC', 'IJBB'], 'which IJB set')
 flags.DEFINE_bool('iom', False, 'also hash the templates with the stage-2 model and compare the '
@@ -18,7 +18,6 @@ flags.DEFINE_bool('iom', False, 'also hash the templates with the stage-2 model 
 flags.DEFINE_integer('batch_size', None, 'embedding batch size (default: eval_batch_size)')
 flags.DEFINE_integer('chunk_size', 4096, 'images per cached feature chunk: a killed run resumes '
                      'at the first missing chunk')
-flags.DEFINE_string('gpu', None, "GPUs to use, e.g. '0' (default: all visible)")
 flags.mark_flags_as_required(['cfg_path', 'ijb_root'])
 FLAGS = flags.FLAGS
 

@@ -4,17 +4,16 @@ import os
 
 from absl import app, flags
 
-from modules import config
+from modules import script_flags
 from modules.config import STAGE2_REQUIRED, load_config, log_dir
 from modules.utils import atomic_output, cli_guard, quiet_tensorflow
 
-config.define_cfg_path(2, 'stage-2 config file path')
-flags.adopt_module_key_flags(config)  # --cfg_path listed by --help as the script's own
+script_flags.define(2, 'stage-2 config file path', gpu=True)
+flags.adopt_module_key_flags(script_flags)  # listed by --help as the script's own
 flags.DEFINE_enum('measure', 'Hamming', ['Hamming', 'Euclidean', 'Jaccard'],
                   'distance between IoM codes')
 flags.DEFINE_bool('isLUT', False, 'compare the log2(q)-bit LUT binarisation of the codes (Hamming '
                   'on bits) instead of --measure')
-flags.DEFINE_string('gpu', None, "GPUs to use, e.g. '0' (default: all visible)")
 FLAGS = flags.FLAGS
 
 

@@ -1,15 +1,14 @@
 """Stage 1: train the ArcFace backbone described by a YAML config."""
 from absl import app, flags
 
-from modules import config
+from modules import script_flags
 from modules.config import load_config
 from modules.utils import cli_guard, float16_without_onednn, quiet_tensorflow
 
-config.define_cfg_path(1, 'config file path')
-flags.adopt_module_key_flags(config)  # --cfg_path listed by --help as the script's own
+script_flags.define(1, 'config file path', gpu=True)
+flags.adopt_module_key_flags(script_flags)  # listed by --help as the script's own
 flags.DEFINE_enum('mode', 'eager_tf', ['fit', 'eager_tf'],
                   'fit: Keras model.fit; eager_tf: custom loop with tf.GradientTape in tf.function')
-flags.DEFINE_string('gpu', None, "GPUs to use, e.g. '0' or '0,1' (default: all visible)")
 flags.DEFINE_integer('cpu_devices', None, 'split the CPU into N logical devices (replicas), e.g. '
                      'to try Partial FC on a machine without GPUs')
 FLAGS = flags.FLAGS

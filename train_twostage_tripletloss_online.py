@@ -1,13 +1,12 @@
 """Stage 2: learn Deep IoM hashing on top of the frozen stage-1 embedding model."""
 from absl import app, flags
 
-from modules import config
+from modules import script_flags
 from modules.config import STAGE2_REQUIRED, load_config
 from modules.utils import cli_guard, quiet_tensorflow
 
-config.define_cfg_path(2, 'stage-2 config file path')
-flags.adopt_module_key_flags(config)  # --cfg_path listed by --help as the script's own
-flags.DEFINE_string('gpu', None, "GPUs to use, e.g. '0' or '0,1' (default: all visible)")
+script_flags.define(2, 'stage-2 config file path', gpu=True)
+flags.adopt_module_key_flags(script_flags)  # listed by --help as the script's own
 FLAGS = flags.FLAGS
 
 

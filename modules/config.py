@@ -243,17 +243,6 @@ def setting(cfg, key):
     return list(default) if isinstance(default, list) else default
 
 
-# The default --cfg_path of the seed's scripts: stage 1, stage 2, or none (a gallery knows its own).
-CFG_PATH_DEFAULTS = {1: './configs/arc_res50.yaml',
-                     2: './configs/config_15/cfg15_allloss_res100_512x8.yaml', None: None}
-
-
-def define_cfg_path(stage, help_text):
-    """Define the --cfg_path absl flag, with the seed's default for a stage-1 or stage-2 script."""
-    from absl import flags
-    flags.DEFINE_string('cfg_path', CFG_PATH_DEFAULTS[stage], help_text)
-
-
 def checkpoint_dir(cfg):
     """Directory holding the run's checkpoints."""
     return os.path.join('checkpoints', cfg['sub_name'])
