@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from modules.config import STAGE2_REQUIRED, ConfigError, load_config
+from modules.config import SCHEMA, STAGE2_REQUIRED, ConfigError, load_config, setting
 
 BASE = """batch_size: 8
 sub_name: t
@@ -29,6 +29,18 @@ def test_valid_config_gets_defaults(tmp_path):
     assert cfg['batch_size'] == 8
     assert cfg['input_size'] == 112 and cfg['head_type'] == 'ArcHead'
     assert cfg['w_decay'] == pytest.approx(5e-4)
+
+
+def test_seed_only_keys_load_and_are_dropped(tmp_path):
+    cfg = load_config(write(tmp_path, BASE + "dataset_ext: 'ms'\n"))
+    assert 'dataset_ext' not in cfg
+
+
+def test_setting_reads_schema_defaults():
+    assert setting({}, 'l2_weight') == SCHEMA['l2_weight'].default
+    assert setting({'l2_weight': 2.0}, 'l2_weight') == 2.0
+    with pytest.raises(ConfigError, match="'sub_name'"):
+        setting({}, 'sub_name')
 
 
 @pytest.mark.parametrize('text, expected', [

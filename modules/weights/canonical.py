@@ -90,29 +90,7 @@ def canonical_to_npy(canon, units, input_scale=1.0):
                               'var': np.full(bias.shape, 1.0 - BN_EPS), 'eps': BN_EPS}
         else:  # BN(z + b) normalises z with mean - b
             canon[bn_name] = dict(bn, mean=np.asarray(bn['mean'], np.float64) - bias)
-    fc = canon['pre_fc1']
-    fc_bn = canon['fc1']
-    weight = np.asarray(fc['weight'], np.float64)
-    fc_bias = np.asarray(fc['bias'], np.float64)
-    channels = FILTERS[-1]
-    spatial = weight.shape[1] // channels
-    side = math.isqrt(spatial)
-    if side * side * channels != weight.shape[1]:
-        raise UserError(f'pre_fc1: {weight.shape[1]} inputs is not {channels} channels on a '
-                        'square feature map')
-    # Channel-first flatten (C, H, W) -> Keras flatten of NHWC (H, W, C).
-    kernel = weight.reshape(-1, channels, side, side).transpose(2, 3, 1, 0).reshape(
-        -1, weight.shape[0])
-    gamma = fc_bn.get('gamma')
-    if gamma is not None and not np.all(np.asarray(gamma) == 1):
-        # Our fc1 has no scale: fold the whole BN into pre_fc1 and leave fc1 neutral.
-        factor = np.asarray(gamma, np.float64) / np.sqrt(np.asarray(fc_bn['var'], np.float64)
-                                                         + fc_bn['eps'])
-        kernel = kernel * factor
-        fc_bias = (fc_bias - fc_bn['mean']) * factor + fc_bn['beta']
-        n = fc_bias.shape[0]
-        canon['fc1'] = {'gamma': None, 'beta': np.zeros(n), 'mean': np.zeros(n),
-                        'var': np.full(n, 1.0 - BN_EPS), 'eps': BN_EPS}
+    kernel, fc_bias = _fc_kernel(canon)
     for name, kind, _ in layer_plan(units):
         item = canon[name]
         if kind == 'conv':
@@ -134,6 +112,34 @@ def canonical_to_npy(canon, units, input_scale=1.0):
             out[name] = [np.asarray(a, np.float32) for a in arrays]
     return out
 
+
+
+def _fc_kernel(canon):
+    """pre_fc1's Keras kernel and bias; an fc1 BatchNorm with a scale is folded into them (and
+    fc1 in `canon` made neutral), since our fc1 has no scale."""
+    fc = canon['pre_fc1']
+    fc_bn = canon['fc1']
+    weight = np.asarray(fc['weight'], np.float64)
+    fc_bias = np.asarray(fc['bias'], np.float64)
+    channels = FILTERS[-1]
+    spatial = weight.shape[1] // channels
+    side = math.isqrt(spatial)
+    if side * side * channels != weight.shape[1]:
+        raise UserError(f'pre_fc1: {weight.shape[1]} inputs is not {channels} channels on a '
+                        'square feature map')
+    # Channel-first flatten (C, H, W) -> Keras flatten of NHWC (H, W, C).
+    kernel = weight.reshape(-1, channels, side, side).transpose(2, 3, 1, 0).reshape(
+        -1, weight.shape[0])
+    gamma = fc_bn.get('gamma')
+    if gamma is not None and not np.all(np.asarray(gamma) == 1):
+        factor = np.asarray(gamma, np.float64) / np.sqrt(np.asarray(fc_bn['var'], np.float64)
+                                                         + fc_bn['eps'])
+        kernel = kernel * factor
+        fc_bias = (fc_bias - fc_bn['mean']) * factor + fc_bn['beta']
+        n = fc_bias.shape[0]
+        canon['fc1'] = {'gamma': None, 'beta': np.zeros(n), 'mean': np.zeros(n),
+                        'var': np.full(n, 1.0 - BN_EPS), 'eps': BN_EPS}
+    return kernel, fc_bias
 
 
 def norm_scale(a, b, described, where):

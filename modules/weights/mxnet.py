@@ -193,30 +193,38 @@ def _mx_check_graph(nodes, units, path):
         if node['op'] in _MX_OPS.values() and node['name'] not in planned:
             raise UserError(f"{path}: node '{node['name']}' ({node['op']}) is not part of an "
                             'LResNet-IR: unsupported network')
-    attrs = {}
-    for name, kind, spec in plan:
-        node = by_name.get(name)
-        if node is None:
-            raise UserError(f"{path}: no node named '{name}': not an InsightFace LResNet-IR")
-        if node['op'] != _MX_OPS[kind]:
-            raise UserError(f"{path}: node '{name}' is {node['op']}, expected {_MX_OPS[kind]}")
-        a = node['attrs']
-        if kind == 'prelu' and a.get('act_type') != 'prelu':
-            raise UserError(f"{path}: node '{name}' has act_type {a.get('act_type')!r}, "
-                            "expected 'prelu'")
-        if kind == 'conv':
-            k, stride, filters = spec
-            got = (_tuple_attr(a, 'kernel', ()), _tuple_attr(a, 'stride', (1, 1)),
-                   _tuple_attr(a, 'pad', (0, 0)), int(a.get('num_filter', -1)),
-                   int(a.get('num_group', 1)), _tuple_attr(a, 'dilate', (1, 1)))
-            want = ((k, k), (stride, stride), (k // 2, k // 2), filters, 1, (1, 1))
-            if got != want:
-                raise UserError(f"{path}: node '{name}': (kernel, stride, pad, num_filter, "
-                                f'num_group, dilate) = {got}, expected {want}')
-        if kind == 'fc' and str(a.get('flatten', 'True')).lower() not in _TRUE:
-            raise UserError(f"{path}: node '{name}' has flatten=False: unsupported")
-        attrs[name] = a
+    attrs = {name: _mx_layer_attrs(by_name.get(name), name, kind, spec, path)
+             for name, kind, spec in plan}
+    _mx_check_wiring(nodes, by_name, units, path)
+    return attrs
 
+
+def _mx_layer_attrs(node, name, kind, spec, path):
+    """The attrs of the planned layer `name`, checked against what an LResNet-IR has there."""
+    if node is None:
+        raise UserError(f"{path}: no node named '{name}': not an InsightFace LResNet-IR")
+    if node['op'] != _MX_OPS[kind]:
+        raise UserError(f"{path}: node '{name}' is {node['op']}, expected {_MX_OPS[kind]}")
+    a = node['attrs']
+    if kind == 'prelu' and a.get('act_type') != 'prelu':
+        raise UserError(f"{path}: node '{name}' has act_type {a.get('act_type')!r}, "
+                        "expected 'prelu'")
+    if kind == 'conv':
+        k, stride, filters = spec
+        got = (_tuple_attr(a, 'kernel', ()), _tuple_attr(a, 'stride', (1, 1)),
+               _tuple_attr(a, 'pad', (0, 0)), int(a.get('num_filter', -1)),
+               int(a.get('num_group', 1)), _tuple_attr(a, 'dilate', (1, 1)))
+        want = ((k, k), (stride, stride), (k // 2, k // 2), filters, 1, (1, 1))
+        if got != want:
+            raise UserError(f"{path}: node '{name}': (kernel, stride, pad, num_filter, "
+                            f'num_group, dilate) = {got}, expected {want}')
+    if kind == 'fc' and str(a.get('flatten', 'True')).lower() not in _TRUE:
+        raise UserError(f"{path}: node '{name}' has flatten=False: unsupported")
+    return a
+
+
+def _mx_check_wiring(nodes, by_name, units, path):
+    """UserError unless every layer takes its input from where an LResNet-IR has it."""
     def expect_src(name, want):
         got = _mx_src_name(nodes, by_name[name])
         if got != want:
@@ -247,7 +255,6 @@ def _mx_check_graph(nodes, units, path):
     expect_src('bn1', unit_in)
     expect_src('pre_fc1', 'bn1')
     expect_src('fc1', 'pre_fc1')
-    return attrs
 
 
 def _mx_input_norm(nodes, path, assume):
