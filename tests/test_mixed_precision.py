@@ -7,14 +7,8 @@ import pytest
 import tensorflow as tf
 
 from modules.config import ConfigError, load_config, validate_config
-from modules.training import (
-    NonFiniteLoss,
-    RunState,
-    dtype_policy,
-    learning_rate,
-    make_optimizer,
-    train_stage1,
-)
+from modules.training import NonFiniteLoss, make_optimizer, train_stage1
+from modules.training.run import RunState, dtype_policy, learning_rate
 from tests.helpers.runs import ROOT, last_json, run_script, write_cfg
 
 BASE, TOTAL, WARMUP = 0.1, 100, 10
