@@ -10,6 +10,14 @@ training images (cache_embeddings) and of the test pairs are computed once. Per 
 float (cosine), learned and seeded random IoM (accuracy, EER, TAR at FAR 1e-3), and on the learned
 codes eval_protection's measures (5 keys): key_change_ok, revocability, zero-effort, non-mated
 agreement. Prints a markdown table and writes <out>/sweep.json.
+
+Data used for issue 31 (all derived files outside the repository): the 7,000 CFP photos cropped
+with data/align_faces.py --cropped (the photo is the face box: MTCNN ran at 1.3 s a photo on the
+shared machine); fold 10's 50 identities held out, the other 450 (6,300 crops) as identity folders
+for stage 2 and a binary TFRecord for stage 1 (MobileNetV2, batch 64, margin 0.3, scale 32,
+cosine lr 0.05); fold 10's FP pairs (Split/FP/10, image indices into Pair_list_F / Pair_list_P) as
+test_dataset/cfp_fp.bin. The base config: remark '1', batch_hard_arc_triplet_loss, m 256, q 8,
+30 x 4 PK batches, cache_embeddings, 500 steps.
 """
 import json
 import os
