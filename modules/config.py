@@ -117,6 +117,17 @@ SCHEMA = {
                              'input = on the embedding, before the hidden layers (the original '
                              'order: with hidden layers the model works only under its training '
                              'key)'),
+    'iom_projection_bias': Key((bool,), False,
+                               doc='stage 2: the IoM projection W.P(x) + b has a bias b (true: the '
+                                   "seed's layer, needed to load its checkpoints); the key never "
+                                   'permutes b, so a trained b is a key-independent code '
+                                   '(docs/protection.md)'),
+    'monitor_holdout': Key(_NUM, 0.1, doc='stage 2: share of the training identities held out '
+                           'of training for the key-change monitor (0: no monitor)'),
+    'monitor_keys': Key((int,), 3, doc='stage 2: random keys the key-change monitor hashes under'),
+    'stop_on_key_change_fail': Key((bool,), False,
+                                   doc='stage 2: stop training (after saving) when the monitor '
+                                       'finds codes that are not key-dependent; false: warn'),
     'metric_weight': Key(_NUM, 1.0, doc='weight of the metric loss'),
     'l2_weight': Key(_NUM, 0.5, doc='weight of the L2 regulariser'),
     'quanti_weight': Key(_NUM, 0.5, doc='weight of the quantisation loss'),
@@ -209,6 +220,12 @@ def validate_config(raw, path='<config>', required=STAGE1_REQUIRED):
         raise ConfigError(f"{path}: key 'lr_steps' must be a list of integers")
     if not 0 < cfg['sample_rate'] <= 1:
         raise ConfigError(f"{path}: key 'sample_rate' must be in (0, 1], got {cfg['sample_rate']!r}")
+    if not 0 <= cfg['monitor_holdout'] < 1:
+        raise ConfigError(f"{path}: key 'monitor_holdout' must be in [0, 1), got "
+                          f"{cfg['monitor_holdout']!r}")
+    if cfg['monitor_keys'] < 2:
+        raise ConfigError(f"{path}: key 'monitor_keys' must be at least 2 (cross-key pairs need "
+                          f"two keys), got {cfg['monitor_keys']!r}")
     if cfg.get('T') is None:
         cfg['T'] = 0.01 if cfg.get('hidden_layer_remark', '1').startswith('T') else 1.0
     if cfg['T'] <= 0:

@@ -324,9 +324,14 @@ def iom_hidden_layers(remark, name_prefix=''):
     return out
 
 
-def IoMProjection(m, q, name='IoMProjection', seed=None):
-    """Dense(m*q) with N(0, 1) kernel init: the random IoM projection (trained in stage 2)."""
+def IoMProjection(m, q, name='IoMProjection', seed=None, use_bias=True):
+    """Dense(m*q) with N(0, 1) kernel init: the random IoM projection (trained in stage 2).
+
+    `use_bias` False drops the additive term b of W.P(x) + b: the key permutes x but never b, so
+    a trained b shifts every group's argmax the same way under every key (docs/protection.md,
+    "Real faces"); True is the seed's layer.
+    """
     m = _check_positive_int(m, 'IoM m')
     q = _check_positive_int(q, 'IoM q')
     init = tf.keras.initializers.RandomNormal(mean=0.0, stddev=1.0, seed=seed)
-    return tf.keras.layers.Dense(m * q, kernel_initializer=init, name=name)
+    return tf.keras.layers.Dense(m * q, kernel_initializer=init, use_bias=bool(use_bias), name=name)

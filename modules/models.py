@@ -156,7 +156,7 @@ def iom_layers(cfg, perm_key=None):
     perm = PermLayer(perm_key, name='perm_layer')
     hidden = iom_hidden_layers(cfg['hidden_layer_remark'])
     front = [perm] + hidden if setting(cfg, 'perm_position') == 'input' else hidden + [perm]
-    return front + [IoMProjection(cfg['m'], cfg['q']),
+    return front + [IoMProjection(cfg['m'], cfg['q'], use_bias=setting(cfg, 'iom_projection_bias')),
                     IoMHead(cfg['m'], cfg['q'], T=cfg['T'], name='IoMHead')]
 
 
@@ -171,6 +171,28 @@ def check_rekeyable(cfg):
             f"it was trained with (perm_key {setting(cfg, 'perm_key')}); a gallery key or a new key "
             'means training stage 2 again with perm_position: projection (the default), about '
             "a minute for the quickstart's 400 steps with cache_embeddings on 2 CPU cores")
+
+
+def check_projection_bias(cfg, ckpt):
+    """UserError when the stage-2 checkpoint `ckpt` and `cfg` disagree on the projection's bias.
+
+    A restore would silently drop a saved bias (or leave a wanted one at zero), changing every
+    code; the one config key that restores the checkpoint's layer is named instead.
+    """
+    if not ckpt:
+        return
+    names = {name for name, _ in tf.train.list_variables(ckpt)}
+    # stage2_checkpoint numbers perm_layer first, the projection second to last (before IoMHead).
+    index = len(iom_hidden_layers(cfg['hidden_layer_remark'])) + 1
+    saved = f'layer_{index}/bias/.ATTRIBUTES/VARIABLE_VALUE' in names
+    wanted = bool(setting(cfg, 'iom_projection_bias'))
+    if saved != wanted:
+        raise UserError(
+            f"{ckpt}: the IoM projection was trained {'with' if saved else 'without'} a bias but "
+            f"the config has iom_projection_bias: {str(wanted).lower()}; set iom_projection_bias: "
+            f"{str(saved).lower()} to load it" + (
+                ' (the seed\'s layer; its codes may fail the key-change check, '
+                'docs/protection.md)' if saved else ''))
 
 
 def trained_iom_layers(iom_model):
@@ -216,6 +238,7 @@ def load_iom_model(cfg, perm_key=None, verbose=True):
     model = IoMFaceModel(cfg, arcface_model, perm_key)
     ckpt = latest_checkpoint(os.path.join('checkpoints', cfg['sub_name']))
     if ckpt:
+        check_projection_bias(cfg, ckpt)
         stage2_checkpoint(model).restore(ckpt).expect_partial()
     else:
         print(f"[*] Warning!!!! Cannot find ckpt from checkpoints/{cfg['sub_name']}, random weight "

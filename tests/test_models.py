@@ -23,7 +23,9 @@ def test_insight_resnet100_parameter_counts(res100):
 
 def test_cfg15_iom_model_matches_original_summary(res100):
     cfg = load_config('configs/config_15/cfg15_allloss_res100_512x8.yaml', STAGE2_REQUIRED)
-    model = IoMFaceModel(cfg, res100)
+    # The original summary is the seed's layer (with a bias); the default drops its 4,096 biases.
+    assert IoMFaceModel(cfg, res100).get_layer('IoMProjection').count_params() == 2_097_152
+    model = IoMFaceModel(dict(cfg, iom_projection_bias=True), res100)
     names = [layer.name for layer in model.layers]
     assert names == ['input_image', 'arcface_model', 'perm_layer', 'IoMProjection', 'IoMHead']
     assert model.get_layer('perm_layer').count_params() == 0

@@ -110,15 +110,46 @@ def stage2_total_steps(cfg):
     return min(total, cfg['max_steps']) if cfg['max_steps'] else total
 
 
-def _stage2_dataset(cfg, net, folders, bad_images, seed):
-    """(PK dataset, embedding model or None): cached embeddings (the model then runs no
-    backbone) or images through the frozen backbone."""
+def _embed_images(cfg, net, paths):
+    """(embeddings, valid) of image files through the frozen embedding model."""
+    from modules.dataset import image_file_dataset
+    dataset = image_file_dataset(paths, cfg['eval_batch_size'], is_ccrop=cfg['is_ccrop'],
+                                 with_validity=True)
+    embed = tf.function(lambda x: net.arcface_model(x, training=False))
+    pairs = [(embed(images).numpy(), ok.numpy()) for images, ok in dataset]
+    if not pairs:
+        return np.zeros((0, cfg['embd_shape']), np.float32), np.zeros(0, bool)
+    return (np.concatenate([e for e, _ in pairs]).astype(np.float32),
+            np.concatenate([v for _, v in pairs]))
+
+
+def _monitor(cfg, net, folders, held, cached=None):
+    """The KeyChangeMonitor on the held-out identities' embeddings (None when nothing is held
+    out); `cached` = (embeddings, valid) of every image when the trainer has them."""
+    from modules.training.monitor import KeyChangeMonitor
+    if not held.any():
+        print('[*] monitor_holdout is 0: no key-change monitor; check the model with '
+              'eval_protection.py before enrolling anyone')
+        return None
+    if cached is None:
+        emb, valid = _embed_images(cfg, net, [folders.path(i) for i in np.flatnonzero(held)])
+    else:
+        emb, valid = cached[0][held], cached[1][held]
+    return KeyChangeMonitor(cfg, emb[valid], folders.labels[held][valid])
+
+
+def _stage2_dataset(cfg, net, folders, bad_images, seed, held):
+    """(PK dataset, embedding model or None, monitor or None): cached embeddings (the model then
+    runs no backbone) or images through the frozen backbone; the images of `held` are left out
+    of training for the key-change monitor."""
     from modules.dataset import load_pk_dataset, pk_index_batches, report_pk_sampling
     batch = stage2_batch(cfg)
     if cfg['cache_embeddings']:
         embeddings, valid = _embedding_cache(cfg, net, folders, bad_images)
         bad_images.check()
-        keep = np.flatnonzero(valid)  # PK sampling draws from the decodable images only
+        monitor = _monitor(cfg, net, folders, held, (embeddings, valid))
+        # PK sampling draws from the decodable images of the identities not held out.
+        keep = np.flatnonzero(valid & ~held)
         labels = folders.labels[keep]
         report_pk_sampling(folders._replace(rel_paths=folders.rel_paths[keep], labels=labels),
                            cfg['classes_per_batch'], cfg['samples_per_class'])
@@ -133,11 +164,14 @@ def _stage2_dataset(cfg, net, folders, bad_images, seed):
 
         spec = (tf.TensorSpec([batch, embeddings.shape[1]], tf.float32),
                 tf.TensorSpec([batch], tf.int64))
-        return tf.data.Dataset.from_generator(batches, output_signature=spec).prefetch(2), None
-    dataset = load_pk_dataset(folders, cfg['classes_per_batch'], cfg['samples_per_class'],
+        dataset = tf.data.Dataset.from_generator(batches, output_signature=spec).prefetch(2)
+        return dataset, None, monitor
+    monitor = _monitor(cfg, net, folders, held)
+    train = folders._replace(rel_paths=folders.rel_paths[~held], labels=folders.labels[~held])
+    dataset = load_pk_dataset(train, cfg['classes_per_batch'], cfg['samples_per_class'],
                               img_ext=cfg['img_ext'], is_ccrop=cfg['is_ccrop'], augment=False,
                               seed=seed, bad_images=bad_images)[0]
-    return dataset, net.arcface_model
+    return dataset, net.arcface_model, monitor
 
 
 def _stage2_train_step(cfg, net, loss_fn, optimizer, strategy, state, embed):
@@ -175,7 +209,8 @@ def train_stage2(cfg, strategy=None):
         list_identity_folders,
     )
     from modules.losses import IoMLoss
-    from modules.models import stage2_checkpoint
+    from modules.models import check_projection_bias, latest_checkpoint, stage2_checkpoint
+    from modules.training.monitor import holdout_split
 
     batch = stage2_batch(cfg)
     # Listed once, before any model is built, so a bad folder fails fast.
@@ -186,6 +221,8 @@ def train_stage2(cfg, strategy=None):
         raise UserError(f"classes_per_batch {cfg['classes_per_batch']} is not divisible by the "
                         f'{strategy.num_replicas_in_sync} replicas')
     total_steps = stage2_total_steps(cfg)
+    held = holdout_split(folders.labels, cfg['monitor_holdout'])
+    check_projection_bias(cfg, latest_checkpoint(checkpoint_dir(cfg)))
     with strategy.scope():
         net = Stage2Model(cfg)
         # The trained IoM layers and the loss are float32 (only the frozen backbone runs in half
@@ -199,7 +236,7 @@ def train_stage2(cfg, strategy=None):
     # A resumed run draws new PK batches instead of replaying the ones it already trained on.
     seed = state.step
 
-    dataset, embed = _stage2_dataset(cfg, net, folders, bad_images, seed)
+    dataset, embed, monitor = _stage2_dataset(cfg, net, folders, bad_images, seed, held)
     state.bad_images = bad_images
 
     train_step = _stage2_train_step(cfg, net, IoMLoss(cfg), optimizer, strategy, state, embed)
@@ -212,9 +249,14 @@ def train_stage2(cfg, strategy=None):
                 break
             total, terms = train_step(batch_inputs, batch_labels)
             state.after_step(total, {f'loss/{k}': v for k, v in terms.items()})
-            if evaluator and state.step % cfg['eval_steps'] == 0:
-                evaluator.run(state)
+            if cfg['eval_steps'] and state.step % cfg['eval_steps'] == 0:
+                if evaluator:
+                    evaluator.run(state)
+                if monitor:
+                    monitor.run(state, net.stack)
         state.save()
+        if monitor:  # always once at the end: no shipped config ends unchecked
+            monitor.run(state, net.stack, final=True)
     finally:
         state.close()
     summary = {'step': state.step, 'checkpoint': state.manager.latest_checkpoint,
@@ -222,6 +264,8 @@ def train_stage2(cfg, strategy=None):
                'steps_per_second': state.images_per_second() / batch, **bad_images.summary()}
     if evaluator:
         summary['eval'] = evaluator.last
+    if monitor:
+        summary['monitor'] = monitor.last
     print(json.dumps(summary))
     return summary
 

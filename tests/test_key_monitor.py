@@ -1,0 +1,147 @@
+"""Stage 2's key-change monitor and the projection-bias switch (issue 31)."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from modules.config import STAGE2_REQUIRED, validate_config
+from modules.layers import IoMHead, IoMProjection, PermLayer
+from modules.training.monitor import KeyChangeMonitor, holdout_split
+from modules.utils import UserError
+
+CFG = dict(batch_size=8, sub_name='mon', backbone_type='MobileNetV2', train_dataset='unused',
+           num_classes=20, num_samples=100, epochs=1, base_lr=1.0, test_dataset='unused',
+           classes_per_batch=2, samples_per_class=4, m=64, q=8, embd_shape=32,
+           loss_fun='batch_hard_arc_triplet_loss')
+
+
+def clustered(num_ids=20, per_id=5, d=32, seed=0):
+    """Embeddings of num_ids well-separated identities (unit centres, small spread) and labels."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((num_ids, d))
+    labels = np.repeat(np.arange(num_ids), per_id)
+    return (centres[labels] + 0.3 * rng.standard_normal((labels.size, d))).astype(np.float32), labels
+
+
+def stack(m=64, q=8, d=32, use_bias=True, bias_scale=0.0, seed=1):
+    """perm -> projection -> head, built, with the bias drawn at `bias_scale`."""
+    layers = [PermLayer(None, name='perm_layer'), IoMProjection(m, q, seed=seed, use_bias=use_bias),
+              IoMHead(m, q, name='IoMHead')]
+    x = tf.zeros((1, d))
+    for layer in layers:
+        x = layer(x)
+    if use_bias:
+        rng = np.random.default_rng(seed)
+        layers[1].bias.assign(bias_scale * rng.standard_normal(m * q).astype(np.float32))
+    return layers
+
+
+class _State:
+    """What KeyChangeMonitor.run needs of the trainer's RunState."""
+
+    def __init__(self):
+        self.step, self.bar, self.saved = 7, None, False
+        self.writer = tf.summary.create_noop_writer()
+
+    def save(self):
+        self.saved = True
+
+
+def test_monitor_fires_on_a_biased_head_and_stays_quiet_on_a_random_one(capsys):
+    cfg = validate_config(dict(CFG, stop_on_key_change_fail=True), 'mon', STAGE2_REQUIRED)
+    emb, labels = clustered()
+    monitor = KeyChangeMonitor(cfg, emb, labels)
+    quiet = monitor.run(_State(), stack(use_bias=False))
+    assert quiet['key_change_ok'], quiet['key_change_problems']
+    assert abs(quiet['nonmated_agreement_new_keys'] - 1 / 8) < 0.01
+    assert 'Warning' not in capsys.readouterr().out
+    state = _State()
+    with pytest.raises(UserError, match='stop_on_key_change_fail: stopped at step 7'):
+        monitor.run(state, stack(bias_scale=50.0))  # the bias outweighs W.P(x) in every group
+    assert state.saved
+    biased = monitor.last
+    assert not biased['key_change_ok'] and biased['revocability'] > 0.01
+    assert biased['nonmated_agreement_new_keys'] > 0.5
+    assert 'Warning: step 7' in capsys.readouterr().out
+
+
+def test_monitor_warns_without_stopping_by_default(capsys):
+    cfg = validate_config(CFG, 'mon', STAGE2_REQUIRED)
+    emb, labels = clustered()
+    result = KeyChangeMonitor(cfg, emb, labels).run(_State(), stack(bias_scale=50.0))
+    assert not result['key_change_ok']
+    assert 'no longer key-dependent' in capsys.readouterr().out
+
+
+def test_projection_bias_off_is_the_seed_layer():
+    """iom_projection_bias: true builds the seed's Dense (kernel and bias, same codes); false has
+    no bias and gives the seed's codes whenever its bias is zero (the initial state)."""
+    from modules.models import iom_layers, stack_codes
+    emb, _ = clustered()
+    seed_cfg = validate_config(dict(CFG, iom_projection_bias=True), 'seed', STAGE2_REQUIRED)
+    fixed_cfg = validate_config(CFG, 'fixed', STAGE2_REQUIRED)
+    seed_stack, fixed_stack = iom_layers(seed_cfg), iom_layers(fixed_cfg)
+    old = tf.keras.layers.Dense(64 * 8, name='IoMProjection')  # the layer before issue 31
+    for layers in (seed_stack, fixed_stack):
+        stack_codes(layers, emb[:1])
+    old.build((None, 32))
+    assert [v.path.split('/')[-1] for v in seed_stack[1].weights] == ['kernel', 'bias']
+    assert [v.path.split('/')[-1] for v in fixed_stack[1].weights] == ['kernel']
+    rng = np.random.default_rng(3)
+    kernel = rng.standard_normal((32, 512)).astype(np.float32)
+    bias = rng.standard_normal(512).astype(np.float32)
+    seed_stack[1].set_weights([kernel, bias])
+    old.set_weights([kernel, bias])
+    want = np.argmax(old(emb).numpy().reshape(-1, 64, 8), -1)
+    np.testing.assert_array_equal(stack_codes(seed_stack, emb), want)
+    seed_stack[1].set_weights([kernel, np.zeros(512, np.float32)])
+    fixed_stack[1].set_weights([kernel])
+    np.testing.assert_array_equal(stack_codes(fixed_stack, emb), stack_codes(seed_stack, emb))
+
+
+def test_a_checkpoint_with_a_bias_needs_the_key(tmp_path, monkeypatch):
+    from modules.models import IoMFaceModel, check_projection_bias, latest_checkpoint, stage2_checkpoint
+    monkeypatch.chdir(tmp_path)
+    for remark in ('1', '2'):
+        seed_cfg = validate_config(dict(CFG, iom_projection_bias=True, hidden_layer_remark=remark,
+                                        sub_name=f'r{remark}'), 'seed', STAGE2_REQUIRED)
+        inputs = tf.keras.Input((32,))
+        model = tf.keras.Model(inputs, inputs, name='arcface_model')
+        stage2_checkpoint(IoMFaceModel(dict(seed_cfg, input_size=4), _Flatten(model))).save(
+            str(tmp_path / f'r{remark}' / 'ckpt'))
+        ckpt = latest_checkpoint(str(tmp_path / f'r{remark}'))
+        check_projection_bias(seed_cfg, ckpt)
+        with pytest.raises(UserError, match='set iom_projection_bias: true to load it'):
+            check_projection_bias(dict(seed_cfg, iom_projection_bias=False), ckpt)
+
+
+def _Flatten(inner):
+    """An 'arcface_model' taking a 4x4x3 image to 32 features (enough for the IoM layers)."""
+    inputs = tf.keras.Input((4, 4, 3))
+    x = tf.keras.layers.Flatten()(inputs)
+    x = tf.keras.layers.Dense(32)(x)
+    return tf.keras.Model(inputs, inner(x), name='arcface_model')
+
+
+def test_holdout_split_and_its_errors():
+    labels = np.repeat(np.arange(30), 3)
+    held = holdout_split(labels, 0.1)
+    assert np.unique(labels[held]).size == 3 and held.sum() == 9
+    np.testing.assert_array_equal(held, holdout_split(labels, 0.1))
+    assert not holdout_split(labels, 0.0).any()
+    with pytest.raises(UserError, match='monitor_holdout'):
+        holdout_split(np.arange(5), 0.1)
+
+
+def test_shipped_stage2_configs_are_checked_by_the_trainer():
+    """Every shipped stage-2 config trains without the key-independent bias and is monitored."""
+    import glob
+    import os
+
+    from modules.config import load_config
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = glob.glob(os.path.join(root, 'configs', 'config_*', '*.yaml')) + [
+        os.path.join(root, 'configs', 'quickstart_stage2.yaml')]
+    assert len(paths) >= 4
+    for path in paths:
+        cfg = load_config(path, STAGE2_REQUIRED)
+        assert not cfg['iom_projection_bias'] and cfg['monitor_holdout'] > 0, path
