@@ -74,7 +74,10 @@ class KeyedStack:
             raise UserError('the linear-program attack needs a stack without hidden layers '
                             "(hidden_layer_remark '1' or 'T1'); use the gradient attack")
         perm_layer, projection = self.layers[0], self.layers[1]
-        w, b = (v.numpy().astype(np.float64) for v in projection.weights)
+        w = projection.kernel.numpy().astype(np.float64)
+        # Without a projection bias (iom_projection_bias: false) b is zero.
+        b = (projection.bias.numpy().astype(np.float64) if projection.use_bias
+             else np.zeros(w.shape[1]))
         return key_permutation(perm_layer.perm_key, w.shape[0]), w, b
 
 
