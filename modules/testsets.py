@@ -6,6 +6,7 @@ bcolz metadata go through an unpickler that admits bytes, lists and the bool dty
 """
 import os
 import pickle
+import sys
 
 import cv2
 import numpy as np
@@ -200,26 +201,21 @@ def get_val_data(root):
 def load_identity_folders(root, img_ext='jpg'):
     """Read a one-folder-per-identity set: (RGB [0, 1] images, int labels, class names).
 
-    Folders without any `*.<img_ext>` file are skipped; labels index the returned class names
-    (sorted folder names).
+    Images at any depth under an identity folder belong to it, symbolic links are followed
+    (`modules.folders`); what is left out is counted in one printed line. Folders without any
+    `*.<img_ext>` file are skipped; labels index the returned class names (sorted folder names).
     """
-    if not os.path.isdir(root):
-        raise UserError(f'identity-folder root not found or not a directory: {root}')
+    from modules.folders import check_root, scan_identity_folders
+    check_root(root, 'identity-folder root')
+    scan = scan_identity_folders(root, img_ext)
     suffix = '.' + img_ext.lower().lstrip('.')
-    files, labels, names = [], [], []
-    for folder in sorted(os.listdir(root)):
-        folder_path = os.path.join(root, folder)
-        if not os.path.isdir(folder_path):
-            continue
-        found = sorted(f for f in os.listdir(folder_path) if f.lower().endswith(suffix)
-                       and os.path.isfile(os.path.join(folder_path, f)))
-        if not found:
-            continue
-        files += [os.path.join(folder_path, f) for f in found]
-        labels += [len(names)] * len(found)
-        names.append(folder)
-    if not files:
-        raise UserError(f'{root}: no identity folder holds any *{suffix} image')
+    if not scan.identities:
+        raise UserError(f'{root}: no identity folder holds any *{suffix} image (at any depth); '
+                        f'{scan.skip_line(named=False)}')
+    print(scan.skip_line(), file=sys.stderr)
+    files = [os.path.join(root, rel) for _, rels in scan.identities for rel in rels]
+    labels = np.repeat(np.arange(len(scan.identities)), [len(rels) for _, rels in scan.identities])
+    names = [name for name, _ in scan.identities]
     images = np.empty((len(files), IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
     for i, path in enumerate(tqdm(files, desc=os.path.basename(root.rstrip(os.sep)),
                                   leave=False)):
