@@ -20,7 +20,7 @@ from tqdm import tqdm
 from modules.testsets import as_bool_array
 from modules.utils import UserError, atomic_output, atomic_path
 
-_DISPLAY_NAMES = {'lfw': 'LFW', 'agedb_30': 'AgeDB30', 'cfp_fp': 'CFP-FP'}
+_DISPLAY_NAMES = {'lfw': 'LFW', 'agedb_30': 'AgeDB30', 'cfp_fp': 'CFP-FP', 'cfp_ff': 'CFP-FF'}
 MEASURES = ('cosine', 'Euclidean', 'Hamming', 'Jaccard', 'LUT')
 _CODE_MEASURES = ('Hamming', 'Jaccard', 'LUT')
 TAR_FARS = (1e-3, 1e-4)
