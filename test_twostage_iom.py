@@ -1,4 +1,5 @@
-"""Evaluate a stage-2 Deep IoM model: verification on LFW / AgeDB-30 / CFP-FP, optional retrieval."""
+"""Evaluate a stage-2 Deep IoM model: verification on LFW / AgeDB-30 / CFP-FP / CFP-FF, optional
+retrieval."""
 import json
 import os
 
@@ -9,6 +10,7 @@ from modules.config import STAGE2_REQUIRED, load_config, log_dir
 from modules.utils import atomic_output, cli_guard, quiet_tensorflow
 
 script_flags.define(2, 'stage-2 config file path', gpu=True)
+script_flags.define_test_sets()
 flags.adopt_module_key_flags(script_flags)  # listed by --help as the script's own
 flags.DEFINE_enum('measure', 'Hamming', ['Hamming', 'Euclidean', 'Jaccard'],
                   'distance between IoM codes')
@@ -24,25 +26,34 @@ def main(_):
     quiet_tensorflow()
     from modules import evaluations as ev
     from modules import testsets
-    from modules.models import iom_hasher, load_iom_model
+    from modules.models import iom_codes, iom_hasher, load_iom_model
     from modules.training import configure_devices
     configure_devices(FLAGS.gpu)
     measure = 'LUT' if FLAGS.isLUT else FLAGS.measure
-    val_sets = testsets.get_val_data(cfg['test_dataset'])  # bad test data fails before the model is built
+    root = FLAGS.test_dataset or cfg['test_dataset']
+    val_sets = testsets.get_val_data(root, FLAGS.sets)  # bad test data fails before the model is built
     model = load_iom_model(cfg)
-    hasher = iom_hasher(model, cfg['is_flip'])
-    options = dict(q=cfg['q'], batch_size=cfg['eval_batch_size'], is_ccrop=cfg['is_ccrop'])
-    results = ev.evaluate_verification(hasher, val_sets, measure, **options)
-    print(f"IoM codes m={cfg['m']} q={cfg['q']}, measure {measure}")
+    options = dict(batch_size=cfg['eval_batch_size'], is_ccrop=cfg['is_ccrop'])
+    # One embedding per image (flip-summed first, as the hasher does); every code comes from it.
+    arcface = model.get_layer('arcface_model')
+    embeddings = {name: ev.extract_embeddings(arcface, images, is_flip=cfg['is_flip'], **options)
+                  for name, (images, _) in val_sets.items()}
+    issame = {name: pairs for name, (_, pairs) in val_sets.items()}
+    q = cfg['q']
+    results = {name: ev.evaluate_pairs(iom_codes(model, emb), issame[name], measure, q)
+               for name, emb in embeddings.items()}
+    print(f"IoM codes m={cfg['m']} q={q}, measure {measure}")
     print(ev.format_table(results))
     prefix = f'iom_{measure}'
-    for path in ev.write_report(results, log_dir(cfg), prefix):
+    for path in ev.write_reports(results, log_dir(cfg), prefix, root, cfg['test_dataset']):
         print(f'[*] wrote {path}')
     retrieval = {}
+    hasher = iom_hasher(model, cfg['is_flip'])
     for key, name in (('test_dataset_ytf', 'ytf'), ('test_dataset_fs', 'facescrub')):
         if cfg[key]:
             images, labels, _ = testsets.load_identity_folders(cfg[key], cfg['img_ext'])
-            retrieval[name] = ev.evaluate_retrieval(hasher, images, labels, measure, **options)
+            retrieval[name] = ev.evaluate_retrieval(hasher, images, labels, measure, q=q,
+                                                    **options)
     if retrieval:
         print(ev.format_retrieval_table(retrieval))
         path = os.path.join(log_dir(cfg), f'{prefix}_retrieval.json')

@@ -10,8 +10,10 @@ used everywhere:
   and TAR@FAR come from the ROC over all pairs (score = -distance).
 - Retrieval: every item queries all the others; mAP and CMC rank-1/5/10.
 """
+import hashlib
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -393,12 +395,17 @@ def evaluate_verification(embed_fn, val_sets, measure, q=None, batch_size=64, is
     results = {}
     for name, (images, issame) in val_sets.items():
         emb = extract_embeddings(embed_fn, images, batch_size, is_flip, is_ccrop, progress)
-        dist = pair_distances(emb[0::2], emb[1::2], measure, q)
-        metrics = verification_metrics(dist, issame)
-        metrics['distances'] = dist
-        metrics['issame'] = np.asarray(issame, bool)
-        results[name] = metrics
+        results[name] = evaluate_pairs(emb, issame, measure, q)
     return results
+
+
+def evaluate_pairs(features, issame, measure, q=None):
+    """Metrics + 'distances' + 'issame' of pairs (rows 2i, 2i+1) of embeddings or codes."""
+    dist = pair_distances(features[0::2], features[1::2], measure, q)
+    metrics = verification_metrics(dist, issame)
+    metrics['distances'] = dist
+    metrics['issame'] = np.asarray(issame, bool)
+    return metrics
 
 
 def evaluate_retrieval(embed_fn, images, labels, measure, q=None, batch_size=64, is_flip=False,
@@ -492,6 +499,34 @@ def _plot_set(name, metrics, path):
         fig.savefig(tmp, format='png', dpi=100)
 
 
+def results_dir(out_dir, test_dataset):
+    """`<out_dir>/results/<folder name>-<8 hex digits of its real path>`: where the results on
+    one test folder go, apart from those of any other folder."""
+    real = os.path.realpath(test_dataset)
+    name = re.sub(r'[^\w.-]', '_', os.path.basename(real.rstrip(os.sep))) or 'root'
+    return os.path.join(out_dir, 'results', f'{name}-{hashlib.sha256(real.encode()).hexdigest()[:8]}')
+
+
+def write_reports(results, out_dir, prefix, test_dataset, default_dataset):
+    """Write one `<prefix>_<set>.json` (with the test folder) and PNG per set into results_dir,
+    and, for a run on the config's own test folder, the summary `write_report` writes beside
+    (what the gallery and the quickstart read). Return the written paths."""
+    folder = results_dir(out_dir, test_dataset)
+    paths = []
+    for name, metrics in results.items():
+        path = os.path.join(folder, f'{prefix}_{name}.json')
+        record = {'set': name, 'test_dataset': os.path.realpath(test_dataset),
+                  **_json_metrics(metrics)}
+        with atomic_output(path, 'w') as fh:
+            json.dump(record, fh, indent=2, sort_keys=True)
+        png = os.path.join(folder, f'{prefix}_{name}.png')
+        _plot_set(name, metrics, png)
+        paths += [path, png]
+    if os.path.realpath(test_dataset) == os.path.realpath(default_dataset):
+        paths += write_report(results, out_dir, prefix)
+    return paths
+
+
 def write_report(results, out_dir, prefix):
     """Write `<prefix>_results.json` and a ROC + histogram PNG per verification set."""
     summary = {name: _json_metrics(metrics) for name, metrics in results.items()}
@@ -510,4 +545,5 @@ def write_report(results, out_dir, prefix):
 __all__ = ['MEASURES', 'pair_distances', 'distance_matrix', 'kfold_ids',
            'default_thresholds', 'roc_curve', 'equal_error_rate', 'verification_metrics',
            'retrieval_metrics', 'central_crop', 'extract_embeddings', 'evaluate_verification',
-           'evaluate_retrieval', 'format_table', 'format_retrieval_table', 'write_report']
+           'evaluate_retrieval', 'evaluate_pairs', 'format_table', 'format_retrieval_table',
+           'write_report', 'results_dir', 'write_reports']
