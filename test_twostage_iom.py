@@ -1,5 +1,5 @@
 """Evaluate a stage-2 Deep IoM model: verification on LFW / AgeDB-30 / CFP-FP / CFP-FF, optional
-retrieval."""
+retrieval, and with --baseline random the float embedding and a seeded random IoM beside it."""
 import json
 import os
 
@@ -16,6 +16,11 @@ flags.DEFINE_enum('measure', 'Hamming', ['Hamming', 'Euclidean', 'Jaccard'],
                   'distance between IoM codes')
 flags.DEFINE_bool('isLUT', False, 'compare the log2(q)-bit LUT binarisation of the codes (Hamming '
                   'on bits) instead of --measure')
+flags.DEFINE_enum('baseline', None, ['random'], "random: also hash the same embeddings with Jin "
+                  "et al.'s random IoM (Gaussian projections, same m, q and key) and print float / "
+                  'learned / random in one table')
+flags.DEFINE_integer('seed', None, 'seed of the random IoM projections (--baseline random; '
+                     "default: modules.models.RANDOM_IOM_SEED, the one stage 2's monitor uses)")
 FLAGS = flags.FLAGS
 
 
@@ -26,7 +31,13 @@ def main(_):
     quiet_tensorflow()
     from modules import evaluations as ev
     from modules import testsets
-    from modules.models import iom_codes, iom_hasher, load_iom_model
+    from modules.models import (
+        RANDOM_IOM_SEED,
+        iom_codes,
+        iom_hasher,
+        load_iom_model,
+        random_iom_codes,
+    )
     from modules.training import configure_devices
     configure_devices(FLAGS.gpu)
     measure = 'LUT' if FLAGS.isLUT else FLAGS.measure
@@ -47,6 +58,29 @@ def main(_):
     prefix = f'iom_{measure}'
     for path in ev.write_reports(results, log_dir(cfg), prefix, root, cfg['test_dataset']):
         print(f'[*] wrote {path}')
+    if FLAGS.baseline == 'random':
+        seed = RANDOM_IOM_SEED if FLAGS.seed is None else FLAGS.seed
+        rows = {'float': {name: ev.evaluate_pairs(emb, issame[name], 'cosine')
+                          for name, emb in embeddings.items()},
+                'learned': results,
+                'random': {name: ev.evaluate_pairs(
+                    random_iom_codes(emb, cfg['m'], q, cfg['perm_key'], seed),
+                    issame[name], measure, q) for name, emb in embeddings.items()}}
+        code = f"IoM m={cfg['m']} q={q} ({measure})"
+        labels = {'float': 'ArcFace float (cosine)', 'learned': f'{code}, learned',
+                  'random': f'{code}, random (seed {seed})'}
+        record = ev.comparison_record(rows, labels, measure=measure, m=cfg['m'], q=q,
+                                      perm_key=cfg['perm_key'], random_seed=seed,
+                                      test_dataset=os.path.realpath(root),
+                                      model=dict(model.loaded_from))
+        print(ev.format_comparison(record))
+        targets = [os.path.join(ev.results_dir(log_dir(cfg), root), f'{prefix}_comparison.json')]
+        if os.path.realpath(root) == os.path.realpath(cfg['test_dataset']):
+            targets.append(os.path.join(log_dir(cfg), f'{prefix}_comparison.json'))
+        for path in targets:
+            with atomic_output(path, 'w') as fh:
+                json.dump(record, fh, indent=2)
+            print(f'[*] wrote {path}')
     retrieval = {}
     hasher = iom_hasher(model, cfg['is_flip'])
     for key, name in (('test_dataset_ytf', 'ytf'), ('test_dataset_fs', 'facescrub')):

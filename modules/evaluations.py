@@ -527,6 +527,26 @@ def write_reports(results, out_dir, prefix, test_dataset, default_dataset):
     return paths
 
 
+def comparison_record(rows, labels, **about):
+    """JSON-ready comparison: {'rows': {key: label}, 'sets': {set: {key: metrics}}, **about}.
+
+    `rows` maps a row key ('float', 'learned', 'random') to its {set: metrics} results."""
+    names = list(next(iter(rows.values())))
+    return {**about, 'rows': dict(labels),
+            'sets': {name: {key: _json_metrics(rows[key][name]) for key in rows} for name in names}}
+
+
+def format_comparison(record):
+    """Markdown table of a comparison_record: per set, one row per template (Accuracy, EER, AUC)."""
+    lines = ['| set | template | Accuracy | EER | AUC |', '|---|---|---|---|---|']
+    for name, by_row in record['sets'].items():
+        for key, label in record['rows'].items():
+            r = by_row[key]
+            lines.append(f"| {name} | {label} | {r['accuracy']:.4f} | {r['eer']:.4f} | "
+                         f"{r['auc']:.4f} |")
+    return '\n'.join(lines)
+
+
 def write_report(results, out_dir, prefix):
     """Write `<prefix>_results.json` and a ROC + histogram PNG per verification set."""
     summary = {name: _json_metrics(metrics) for name, metrics in results.items()}
@@ -546,4 +566,5 @@ __all__ = ['MEASURES', 'pair_distances', 'distance_matrix', 'kfold_ids',
            'default_thresholds', 'roc_curve', 'equal_error_rate', 'verification_metrics',
            'retrieval_metrics', 'central_crop', 'extract_embeddings', 'evaluate_verification',
            'evaluate_retrieval', 'evaluate_pairs', 'format_table', 'format_retrieval_table',
-           'write_report', 'results_dir', 'write_reports']
+           'write_report', 'results_dir', 'write_reports', 'comparison_record',
+           'format_comparison']

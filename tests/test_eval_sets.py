@@ -1,5 +1,5 @@
 """Evaluating the sets a user has: --sets, the default of every set present, results kept per
-test folder and set."""
+test folder and set, and test_twostage_iom.py's float / learned / random table."""
 import json
 import os
 import pickle
@@ -76,6 +76,25 @@ def test_results_per_set_and_folder_summary_only_for_the_config_folder(tmp_path)
     assert json.loads((tmp_path / 'logs' / 'arcface_results.json').read_text()) == summary
     assert json.loads(open(os.path.join(results_dir(out, a), 'arcface_lfw.json')).read())[
         'accuracy'] == summary['lfw']['accuracy']
+
+
+def test_other_folder_with_random_baseline_leaves_the_summary_alone(work):
+    out = run('test_twostage_iom.py', '--cfg_path', 'tiny.yaml', '--test_dataset', 'B',
+              '--sets', 'lfw', '--baseline', 'random', '--seed', '3', cwd=work)
+    rows = [line for line in out.splitlines() if line.startswith('| lfw |')]
+    assert [row.split(' | ')[1] for row in rows] == [
+        'ArcFace float (cosine)', 'IoM m=32 q=8 (Hamming), learned',
+        'IoM m=32 q=8 (Hamming), random (seed 3)']
+    folder = work / results_dir('logs/tiny_s2', str(work / 'B'))
+    record = json.loads((folder / 'iom_Hamming_comparison.json').read_text())
+    assert list(record['sets']) == ['lfw'] and list(record['sets']['lfw']) == [
+        'float', 'learned', 'random']
+    assert (record['m'], record['q'], record['random_seed']) == (32, 8, 3)
+    learned = json.loads((folder / 'iom_Hamming_lfw.json').read_text())
+    assert record['sets']['lfw']['learned']['eer'] == learned['eer']
+    # B is not the config's test folder: the summary the gallery reads is not written.
+    assert not (work / 'logs' / 'tiny_s2' / 'iom_Hamming_results.json').exists()
+    assert not (work / 'logs' / 'tiny_s2' / 'iom_Hamming_comparison.json').exists()
 
 
 def test_results_folders_differ_per_test_folder(tmp_path):
