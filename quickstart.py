@@ -1,7 +1,9 @@
 """The whole pipeline on the embedded synthetic face set, as `make quickstart` runs it.
 
 Each step is one of the project's own commands, printed before it runs, so a reader can repeat
-any of them by hand. At the end one table shows float ArcFace embeddings and IoM codes side by side.
+any of them by hand. At the end one table shows, per test set, the float ArcFace embedding, the
+learned IoM codes and a seeded random IoM of the same m, q and key (Jin et al.'s Gaussian random
+projections) side by side.
 """
 import json
 import os
@@ -30,21 +32,9 @@ def run(args):
     print(f'[{time.perf_counter() - started:.0f} s]', flush=True)
 
 
-def comparison_table(float_results, iom_results, code_name):
-    """Markdown table: per set, the float embedding's and the IoM code's Accuracy, EER and AUC."""
-    from modules.testsets import VAL_SETS
-    lines = ['| set | template | Accuracy | EER | AUC |', '|---|---|---|---|---|']
-    for name in sorted(float_results, key=VAL_SETS.index):
-        for label, res in (('ArcFace float (cosine)', float_results[name]),
-                           (code_name, iom_results[name])):
-            lines.append(f"| {name} | {label} | {res['accuracy']:.4f} | {res['eer']:.4f} | "
-                         f"{res['auc']:.4f} |")
-    return '\n'.join(lines)
-
-
 @cli_guard
 def main(_):
-    """Generate data, train and evaluate both stages, run run_me.py, print the comparison."""
+    """Generate data, train and evaluate both stages, run run_me.py, print the three-row table."""
     started = time.perf_counter()
     stage1 = load_config(FLAGS.stage1_cfg)
     stage2 = load_config(FLAGS.stage2_cfg, STAGE2_REQUIRED)
@@ -57,16 +47,15 @@ def main(_):
     run(['train.py', '--mode', 'eager_tf', '--cfg_path', FLAGS.stage1_cfg])
     run(['test.py', '--cfg_path', FLAGS.stage1_cfg])
     run(['train_twostage_tripletloss_online.py', '--cfg_path', FLAGS.stage2_cfg])
-    run(['test_twostage_iom.py', '--cfg_path', FLAGS.stage2_cfg, '--measure', 'Hamming'])
+    run(['test_twostage_iom.py', '--cfg_path', FLAGS.stage2_cfg, '--measure', 'Hamming',
+         '--baseline', 'random'])
     run(['run_me.py', '--cfg_path', FLAGS.stage2_cfg])
-    with open(os.path.join(log_dir(stage1), 'arcface_results.json')) as fh:
-        float_results = json.load(fh)
-    with open(os.path.join(log_dir(stage2), 'iom_Hamming_results.json')) as fh:
-        iom_results = json.load(fh)
-    code_name = f"IoM m={stage2['m']} q={stage2['q']} (Hamming)"
+    with open(os.path.join(log_dir(stage2), 'iom_Hamming_comparison.json')) as fh:
+        comparison = json.load(fh)
+    from modules.evaluations import format_comparison
     print(f'\nQuickstart results on the synthetic verification sets '
           f'({time.perf_counter() - started:.0f} s in all):')
-    print(comparison_table(float_results, iom_results, code_name))
+    print(format_comparison(comparison))
 
 
 if __name__ == '__main__':

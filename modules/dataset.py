@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from modules.folders import normalise_exts, scan_identity_folders
 from modules.utils import UserError, atomic_path
 
 IMAGE_SIZE = 112
@@ -43,7 +44,7 @@ class IdentityFolders(NamedTuple):
 
     root: str  # absolute path of the tree
     names: list  # identity folder names; label i is names[i]
-    rel_paths: np.ndarray  # bytes ('S' dtype), '<identity>/<file>', relative to root
+    rel_paths: np.ndarray  # bytes ('S' dtype), '<identity>/[<sub>/]<file>', relative to root
     labels: np.ndarray  # int64, one per image
     empty_folders: list  # identity folders without images, left out
 
@@ -62,55 +63,35 @@ class IdentityFolders(NamedTuple):
         return os.path.join(self.root, os.fsdecode(self.rel_paths[i]))
 
 
-def _normalise_exts(img_ext):
-    if img_ext is None:
-        return _DEFAULT_EXTS
-    exts = (img_ext,) if isinstance(img_ext, str) else tuple(img_ext)
-    return tuple('.' + e.lower().lstrip('.') for e in exts)
-
-
 def list_identity_folders(root, img_ext=None):
-    """List `root/<identity>/<image>` files; label = index of the sorted identity folder name.
+    """List `root/<identity>/**/<image>` files; label = index of the sorted identity folder name.
 
     `img_ext` is an extension ('jpg') or a list of them; None accepts jpg, jpeg, png and bmp (case
-    insensitive). Hidden entries and files directly under `root` are ignored. Identity folders
-    without images are left out (and listed in `empty_folders`, with a warning), so labels stay
-    contiguous. A missing root, or one without any image, is a UserError.
+    insensitive). Photos in sub-folders of an identity folder belong to it; symbolic links are
+    followed (`modules.folders`). Hidden entries, files directly under `root` and other
+    extensions are left out and counted in one printed line. Identity folders without images are
+    left out (and listed in `empty_folders`, with a warning), so labels stay contiguous. A
+    missing root, or one without any image, is a UserError.
     """
-    if not root:
-        raise UserError('no dataset folder given (expected <root>/<identity>/<image>.jpg)')
-    if not os.path.exists(root):
-        raise UserError(f'dataset folder not found: {root}')
-    if not os.path.isdir(root):
-        raise UserError(f'dataset path is not a folder: {root} '
-                        '(expected <root>/<identity>/<image>)')
-    exts = _normalise_exts(img_ext)
+    exts = _DEFAULT_EXTS if img_ext is None else img_ext
+    scan = scan_identity_folders(root, exts)
     root = os.path.abspath(root)
-    with os.scandir(root) as it:
-        folders = sorted(e.name for e in it if e.is_dir() and not e.name.startswith('.'))
-    if not folders:
+    if not scan.identities and not scan.empty:
         raise UserError(f'{root}: no identity folders (expected <root>/<identity>/<image>.jpg)')
-    names, rel_paths, counts, empty = [], [], [], []
-    for name in folders:
-        with os.scandir(os.path.join(root, name)) as it:
-            files = sorted(e.name for e in it if e.is_file() and not e.name.startswith('.')
-                           and os.path.splitext(e.name)[1].lower() in exts)
-        if not files:
-            empty.append(name)
-            continue
-        names.append(name)
-        counts.append(len(files))
-        prefix = os.fsencode(name) + b'/'
-        rel_paths.extend(prefix + os.fsencode(f) for f in files)
-    if not names:
-        raise UserError(f"{root}: none of the {len(folders)} identity folders holds an image with "
-                        f"extension {', '.join(exts)}")
-    if empty:
-        shown = ', '.join(empty[:10]) + (' ...' if len(empty) > 10 else '')
-        print(f'warning: {len(empty)} identity folder(s) under {root} hold no images and are '
+    if not scan.identities:
+        exts = ', '.join(normalise_exts(exts))
+        raise UserError(f"{root}: none of the {len(scan.empty)} identity folders holds an image "
+                        f"with extension {exts} (at any depth); {scan.skip_line(named=False)}")
+    names = [name for name, _ in scan.identities]
+    counts = [len(files) for _, files in scan.identities]
+    rel_paths = [os.fsencode(rel) for _, files in scan.identities for rel in files]
+    if scan.empty:
+        shown = ', '.join(scan.empty[:10]) + (' ...' if len(scan.empty) > 10 else '')
+        print(f'warning: {len(scan.empty)} identity folder(s) under {root} hold no images and are '
               f'ignored: {shown}', file=sys.stderr)
+    print(scan.skip_line(), file=sys.stderr)
     labels = np.repeat(np.arange(len(names), dtype=np.int64), counts)
-    return IdentityFolders(root, names, np.array(rel_paths, dtype=bytes), labels, empty)
+    return IdentityFolders(root, names, np.array(rel_paths, dtype=bytes), labels, scan.empty)
 
 
 # ---------------------------------------------------------------------------------------------

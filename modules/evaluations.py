@@ -10,8 +10,10 @@ used everywhere:
   and TAR@FAR come from the ROC over all pairs (score = -distance).
 - Retrieval: every item queries all the others; mAP and CMC rank-1/5/10.
 """
+import hashlib
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -20,7 +22,7 @@ from tqdm import tqdm
 from modules.testsets import as_bool_array
 from modules.utils import UserError, atomic_output, atomic_path
 
-_DISPLAY_NAMES = {'lfw': 'LFW', 'agedb_30': 'AgeDB30', 'cfp_fp': 'CFP-FP'}
+_DISPLAY_NAMES = {'lfw': 'LFW', 'agedb_30': 'AgeDB30', 'cfp_fp': 'CFP-FP', 'cfp_ff': 'CFP-FF'}
 MEASURES = ('cosine', 'Euclidean', 'Hamming', 'Jaccard', 'LUT')
 _CODE_MEASURES = ('Hamming', 'Jaccard', 'LUT')
 TAR_FARS = (1e-3, 1e-4)
@@ -393,12 +395,17 @@ def evaluate_verification(embed_fn, val_sets, measure, q=None, batch_size=64, is
     results = {}
     for name, (images, issame) in val_sets.items():
         emb = extract_embeddings(embed_fn, images, batch_size, is_flip, is_ccrop, progress)
-        dist = pair_distances(emb[0::2], emb[1::2], measure, q)
-        metrics = verification_metrics(dist, issame)
-        metrics['distances'] = dist
-        metrics['issame'] = np.asarray(issame, bool)
-        results[name] = metrics
+        results[name] = evaluate_pairs(emb, issame, measure, q)
     return results
+
+
+def evaluate_pairs(features, issame, measure, q=None):
+    """Metrics + 'distances' + 'issame' of pairs (rows 2i, 2i+1) of embeddings or codes."""
+    dist = pair_distances(features[0::2], features[1::2], measure, q)
+    metrics = verification_metrics(dist, issame)
+    metrics['distances'] = dist
+    metrics['issame'] = np.asarray(issame, bool)
+    return metrics
 
 
 def evaluate_retrieval(embed_fn, images, labels, measure, q=None, batch_size=64, is_flip=False,
@@ -492,6 +499,54 @@ def _plot_set(name, metrics, path):
         fig.savefig(tmp, format='png', dpi=100)
 
 
+def results_dir(out_dir, test_dataset):
+    """`<out_dir>/results/<folder name>-<8 hex digits of its real path>`: where the results on
+    one test folder go, apart from those of any other folder."""
+    real = os.path.realpath(test_dataset)
+    name = re.sub(r'[^\w.-]', '_', os.path.basename(real.rstrip(os.sep))) or 'root'
+    return os.path.join(out_dir, 'results', f'{name}-{hashlib.sha256(real.encode()).hexdigest()[:8]}')
+
+
+def write_reports(results, out_dir, prefix, test_dataset, default_dataset):
+    """Write one `<prefix>_<set>.json` (with the test folder) and PNG per set into results_dir,
+    and, for a run on the config's own test folder, the summary `write_report` writes beside
+    (what the gallery and the quickstart read). Return the written paths."""
+    folder = results_dir(out_dir, test_dataset)
+    paths = []
+    for name, metrics in results.items():
+        path = os.path.join(folder, f'{prefix}_{name}.json')
+        record = {'set': name, 'test_dataset': os.path.realpath(test_dataset),
+                  **_json_metrics(metrics)}
+        with atomic_output(path, 'w') as fh:
+            json.dump(record, fh, indent=2, sort_keys=True)
+        png = os.path.join(folder, f'{prefix}_{name}.png')
+        _plot_set(name, metrics, png)
+        paths += [path, png]
+    if os.path.realpath(test_dataset) == os.path.realpath(default_dataset):
+        paths += write_report(results, out_dir, prefix)
+    return paths
+
+
+def comparison_record(rows, labels, **about):
+    """JSON-ready comparison: {'rows': {key: label}, 'sets': {set: {key: metrics}}, **about}.
+
+    `rows` maps a row key ('float', 'learned', 'random') to its {set: metrics} results."""
+    names = list(next(iter(rows.values())))
+    return {**about, 'rows': dict(labels),
+            'sets': {name: {key: _json_metrics(rows[key][name]) for key in rows} for name in names}}
+
+
+def format_comparison(record):
+    """Markdown table of a comparison_record: per set, one row per template (Accuracy, EER, AUC)."""
+    lines = ['| set | template | Accuracy | EER | AUC |', '|---|---|---|---|---|']
+    for name, by_row in record['sets'].items():
+        for key, label in record['rows'].items():
+            r = by_row[key]
+            lines.append(f"| {name} | {label} | {r['accuracy']:.4f} | {r['eer']:.4f} | "
+                         f"{r['auc']:.4f} |")
+    return '\n'.join(lines)
+
+
 def write_report(results, out_dir, prefix):
     """Write `<prefix>_results.json` and a ROC + histogram PNG per verification set."""
     summary = {name: _json_metrics(metrics) for name, metrics in results.items()}
@@ -510,4 +565,6 @@ def write_report(results, out_dir, prefix):
 __all__ = ['MEASURES', 'pair_distances', 'distance_matrix', 'kfold_ids',
            'default_thresholds', 'roc_curve', 'equal_error_rate', 'verification_metrics',
            'retrieval_metrics', 'central_crop', 'extract_embeddings', 'evaluate_verification',
-           'evaluate_retrieval', 'format_table', 'format_retrieval_table', 'write_report']
+           'evaluate_retrieval', 'evaluate_pairs', 'format_table', 'format_retrieval_table',
+           'write_report', 'results_dir', 'write_reports', 'comparison_record',
+           'format_comparison']

@@ -268,6 +268,30 @@ def stack_codes(stack, embeddings, batch_size=1024):
     return np.concatenate(out) if out else np.zeros((0, stack[-1].m), np.int32)
 
 
+# Seed of the random-IoM baseline's projection: the one stage 2's key-change monitor draws
+# (modules/training/monitor.py), so the tester's random row and the monitor's are the same IoM.
+RANDOM_IOM_SEED = 20_180_101
+
+
+def random_iom_codes(embeddings, m, q, perm_key=None, seed=RANDOM_IOM_SEED, batch_size=4096):
+    """Jin et al.'s random IoM: the embedding under the key's permutation, m Gaussian N(0, 1)
+    projections to q values each (drawn from `seed`), the index of each group's maximum."""
+    from modules.layers import key_permutation
+    x = np.asarray(embeddings, np.float32)
+    if x.ndim != 2:
+        raise UserError(f'embeddings must be (N, d), got shape {x.shape}')
+    if m < 1 or q < 2:
+        raise UserError(f'random IoM needs m >= 1 and q >= 2, got m={m}, q={q}')
+    d = x.shape[1]
+    # Drawn in float64 and cast, as the monitor draws it: the same seed gives the same projection.
+    projection = np.random.default_rng(seed).standard_normal((d, m * q)).astype(np.float32)
+    x = x[:, key_permutation(perm_key, d)]
+    codes = np.empty((len(x), m), np.int32)
+    for begin in range(0, len(x), batch_size):  # bounded (batch, m*q) blocks, not per item
+        z = x[begin:begin + batch_size] @ projection
+        codes[begin:begin + batch_size] = z.reshape(-1, m, q).argmax(axis=2)
+    return codes
+
 
 def iom_hasher(iom_model, is_flip=False):
     """Callable mapping an image batch to IoM codes; flip TTA sums the two float embeddings first."""

@@ -6,6 +6,8 @@ bcolz metadata go through an unpickler that admits bytes, lists and the bool dty
 """
 import os
 import pickle
+import re
+import sys
 
 import cv2
 import numpy as np
@@ -14,9 +16,10 @@ from tqdm import tqdm
 from modules.utils import UserError
 
 IMAGE_SIZE = 112
-VAL_SETS = ('lfw', 'agedb_30', 'cfp_fp')
+VAL_SETS = ('lfw', 'agedb_30', 'cfp_fp', 'cfp_ff')
 # face.evoLVe folder holding each set's bcolz carray and its `<name>_list.npy`.
-_BCOLZ_FOLDERS = {'lfw': 'lfw_align_112', 'agedb_30': 'agedb_align_112', 'cfp_fp': 'cfp_align_112'}
+_BCOLZ_FOLDERS = {'lfw': 'lfw_align_112', 'agedb_30': 'agedb_align_112', 'cfp_fp': 'cfp_align_112',
+                  'cfp_ff': 'cfp_align_112'}
 
 
 class _BoolDtypeToken:
@@ -169,57 +172,102 @@ def _read_bin(path):
 
 
 def _set_paths(root, name):
-    folder = _BCOLZ_FOLDERS[name]
-    data_dir = os.path.join(root, folder, name)
-    list_path = os.path.join(root, folder, f'{name}_list.npy')
+    folder = _BCOLZ_FOLDERS.get(name)
+    data_dir = os.path.join(root, folder, name) if folder else None
+    list_path = os.path.join(root, folder, f'{name}_list.npy') if folder else None
     bin_path = os.path.join(root, f'{name}.bin')
     return data_dir, list_path, bin_path
 
 
+def _check_name(name):
+    # Other InsightFace sets (calfw.bin, cplfw.bin, ...) are read by name when asked for.
+    if not (isinstance(name, str) and re.fullmatch(r'[A-Za-z0-9][\w.-]*', name)):
+        raise UserError(f'invalid verification set name {name!r}')
+
+
+def set_present(root, name):
+    """True when `root` holds the set `name` in either layout."""
+    _check_name(name)
+    data_dir, _, bin_path = _set_paths(root, name)
+    return bool(data_dir and os.path.isdir(data_dir)) or os.path.isfile(bin_path)
+
+
 def load_verification_set(root, name):
-    """Read one verification set (bcolz or .bin layout) as (RGB [0, 1] images, pair booleans)."""
-    if name not in VAL_SETS:
-        raise UserError(f'unknown verification set {name!r}; expected one of {", ".join(VAL_SETS)}')
+    """Read one verification set (bcolz or .bin layout) as (RGB [0, 1] images, pair booleans).
+
+    The names of VAL_SETS are looked for in both layouts, any other name as `<root>/<name>.bin`.
+    """
+    _check_name(name)
     data_dir, list_path, bin_path = _set_paths(root, name)
     # The face.evoLVe layout wins when both are present: it needs no decoding.
-    if os.path.isdir(data_dir):
+    if data_dir and os.path.isdir(data_dir):
         return _read_bcolz(data_dir, list_path)
     if os.path.isfile(bin_path):
         return _read_bin(bin_path)
-    raise UserError(f'verification set {name!r} not found under {root}: looked for the bcolz '
-                    f'directory {data_dir} (with {list_path}) and for {bin_path}')
+    raise UserError(_not_found(root, name))
 
 
-def get_val_data(root):
-    """Read LFW, AgeDB-30 and CFP-FP under `root`: dict name -> (images, issame)."""
+def _not_found(root, name):
+    data_dir, list_path, bin_path = _set_paths(root, name)
+    if data_dir is None:
+        return (f'unknown verification set {name!r} (not one of {", ".join(VAL_SETS)}) and no '
+                f'{bin_path}')
+    return (f'verification set {name!r} not found under {root}: looked for the bcolz directory '
+            f'{data_dir} (with {list_path}) and for {bin_path}')
+
+
+def select_sets(root, sets=None):
+    """The verification sets to evaluate under `root`, checked before any is decoded.
+
+    `sets` None: every set of VAL_SETS present, with one printed line naming those missing (none
+    present is a UserError). A list: exactly those, each of which must be present.
+    """
     if not os.path.isdir(root):
         raise UserError(f'verification data root not found: {root}')
-    return {name: load_verification_set(root, name) for name in VAL_SETS}
+    if sets:
+        sets = list(dict.fromkeys(sets))
+        absent = [name for name in sets if not set_present(root, name)]
+        if absent:
+            found = [name for name in VAL_SETS if set_present(root, name)]
+            more = f' ({len(absent) - 1} more asked for and missing)' if len(absent) > 1 else ''
+            raise UserError(f'{_not_found(root, absent[0])}{more}; present: '
+                            f'{", ".join(found) or "none"}')
+        return sets
+    present = [name for name in VAL_SETS if set_present(root, name)]
+    if not present:
+        raise UserError(f'no verification set under {root}: looked for '
+                        f'{", ".join(n + ".bin" for n in VAL_SETS)} and their face.evoLVe '
+                        'folders (data/make_verification_bin.py makes lfw.bin, cfp_fp.bin and '
+                        'cfp_ff.bin from the originals)')
+    missing = [name for name in VAL_SETS if name not in present]
+    if missing:
+        print(f'[*] evaluating {", ".join(present)}; not under {root}: {", ".join(missing)}')
+    return present
+
+
+def get_val_data(root, sets=None):
+    """Read the verification sets under `root` (`select_sets`): dict name -> (images, issame)."""
+    return {name: load_verification_set(root, name) for name in select_sets(root, sets)}
 
 
 def load_identity_folders(root, img_ext='jpg'):
     """Read a one-folder-per-identity set: (RGB [0, 1] images, int labels, class names).
 
-    Folders without any `*.<img_ext>` file are skipped; labels index the returned class names
-    (sorted folder names).
+    Images at any depth under an identity folder belong to it, symbolic links are followed
+    (`modules.folders`); what is left out is counted in one printed line. Folders without any
+    `*.<img_ext>` file are skipped; labels index the returned class names (sorted folder names).
     """
-    if not os.path.isdir(root):
-        raise UserError(f'identity-folder root not found or not a directory: {root}')
+    from modules.folders import check_root, scan_identity_folders
+    check_root(root, 'identity-folder root')
+    scan = scan_identity_folders(root, img_ext)
     suffix = '.' + img_ext.lower().lstrip('.')
-    files, labels, names = [], [], []
-    for folder in sorted(os.listdir(root)):
-        folder_path = os.path.join(root, folder)
-        if not os.path.isdir(folder_path):
-            continue
-        found = sorted(f for f in os.listdir(folder_path) if f.lower().endswith(suffix)
-                       and os.path.isfile(os.path.join(folder_path, f)))
-        if not found:
-            continue
-        files += [os.path.join(folder_path, f) for f in found]
-        labels += [len(names)] * len(found)
-        names.append(folder)
-    if not files:
-        raise UserError(f'{root}: no identity folder holds any *{suffix} image')
+    if not scan.identities:
+        raise UserError(f'{root}: no identity folder holds any *{suffix} image (at any depth); '
+                        f'{scan.skip_line(named=False)}')
+    print(scan.skip_line(), file=sys.stderr)
+    files = [os.path.join(root, rel) for _, rels in scan.identities for rel in rels]
+    labels = np.repeat(np.arange(len(scan.identities)), [len(rels) for _, rels in scan.identities])
+    names = [name for name, _ in scan.identities]
     images = np.empty((len(files), IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
     for i, path in enumerate(tqdm(files, desc=os.path.basename(root.rstrip(os.sep)),
                                   leave=False)):

@@ -304,7 +304,7 @@ def test_get_val_data_all_sets_and_missing(tmp_path):
     _write_bcolz(str(tmp_path), 'lfw', rgb, issame)
     _write_bin(str(tmp_path / 'agedb_30.bin'), _encode(rgb), list(map(bool, issame)))
     with pytest.raises(UserError, match=r'cfp_fp.*cfp_align_112.*cfp_fp\.bin'):
-        T.get_val_data(str(tmp_path))
+        T.get_val_data(str(tmp_path), ['lfw', 'agedb_30', 'cfp_fp'])
     _write_bin(str(tmp_path / 'cfp_fp.bin'), _encode(rgb), list(map(bool, issame)))
     data = T.get_val_data(str(tmp_path))
     assert sorted(data) == ['agedb_30', 'cfp_fp', 'lfw']

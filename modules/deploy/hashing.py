@@ -9,6 +9,7 @@ import glob
 import hashlib
 import json
 import os
+import sys
 
 import numpy as np
 
@@ -143,19 +144,18 @@ def open_with_model(db_path, cfg_path=None, name=None, key_file=None):
 
 
 def identity_folders(input_dir):
-    """[(name, [image paths])] of the sub-folders of `input_dir` (one subject each), sorted."""
+    """[(name, [image paths])] of the sub-folders of `input_dir` (one subject each, photos at any
+    depth, links followed: `modules.folders`), sorted; prints what it skipped and why."""
     from modules.align import IMAGE_EXTENSIONS
+    from modules.folders import scan_identity_folders
     if not os.path.isdir(input_dir):
         raise UserError(f'{input_dir}: not a directory')
-    folders = []
-    for name in sorted(os.listdir(input_dir)):
-        path = os.path.join(input_dir, name)
-        if os.path.isdir(path) and not name.startswith('.'):
-            files = sorted(os.path.join(path, f) for f in os.listdir(path)
-                           if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith('.'))
-            folders.append((name, files))
+    scan = scan_identity_folders(input_dir, IMAGE_EXTENSIONS)
+    folders = sorted([(name, [os.path.join(input_dir, rel) for rel in rels])
+                      for name, rels in scan.identities] + [(name, []) for name in scan.empty])
     if not folders:
         raise UserError(f'{input_dir}: no identity folders (expected <input_dir>/<name>/<photo>)')
+    print(scan.skip_line(), file=sys.stderr)
     return folders
 
 
