@@ -63,7 +63,10 @@ class LiveService:
             except httpx.TransportError:
                 time.sleep(0.5)
         self.stop()
-        raise UserError(f'serve.py did not start (see {log_path})')
+        with open(log_path, errors='replace') as log:
+            said = [line[len('error: '):].strip() for line in log if line.startswith('error: ')]
+        raise UserError(f"serve.py did not start: {said[-1] if said else 'no answer'} (its log: "
+                        f'{log_path})')
 
     def stop(self):
         """SIGTERM, and SIGKILL if it does not end."""
