@@ -3,8 +3,10 @@
 The backbone embeddings of one verification set are computed once; the IoM layers then hash them
 under several random permutation keys (and without permutation). Prints a table and writes
 logs/<sub_name>/protection_<set>.json and unlinkability_<set>.png. With --attacks it also runs
-the stolen-key attacks of modules/attacks.py and writes protection_attacks.json and
-protection_attacks.png (Hamming-distance histograms after re-keying).
+the stolen-key attacks of modules/protection/attacks.py and writes protection_attacks.json and
+protection_attacks.png (Hamming-distance histograms after re-keying). With --online it runs,
+instead, the online attacks of a client token against serve.py, which it starts on 127.0.0.1
+(modules/protection/online.py), and writes protection_online.json.
 """
 import json
 import os
@@ -29,6 +31,13 @@ flags.DEFINE_bool('attacks', False, 'also run the stolen-key attacks (pre-image,
 flags.DEFINE_integer('victims', 200, 'attacks: genuine pairs attacked (at most the set has)')
 flags.DEFINE_integer('attack_keys', 5, 'attacks: new keys the victims are re-enrolled under')
 flags.DEFINE_list('far', [], 'attacks: also report at the thresholds of these false-accept rates')
+flags.DEFINE_bool('online', False, 'run only the online attacks of a client token (score '
+                  'hill-climbing, decision-only search, identify probing) against serve.py, '
+                  'started here on 127.0.0.1: scores exposed without limits, then the defaults')
+flags.DEFINE_integer('online_budget', 5000, 'online: requests per attack and subject',
+                     lower_bound=1)
+flags.DEFINE_integer('online_subjects', 10, 'online: subjects enrolled and attacked (from the '
+                     "set's genuine pairs)", lower_bound=1)
 FLAGS = flags.FLAGS
 
 
@@ -139,6 +148,8 @@ def main(_):
     fars = _fars(FLAGS.far)
     if FLAGS.bins < 1:
         raise UserError(f'--bins must be positive, got {FLAGS.bins}')
+    if FLAGS.online:
+        return run_online(cfg)
     quiet_tensorflow()
     from modules import evaluations as ev
     from modules import testsets
@@ -226,6 +237,24 @@ def run_attacks(cfg, model, embeddings, issame, fars, out_dir):
         json.dump(report, fh, indent=2, default=float)
     print(f'[*] wrote {json_path}')
     print(f'[*] wrote {plot_path}')
+
+
+def run_online(cfg):
+    """Run the online attacks against a service started here; print the table, write the JSON."""
+    from modules import testsets
+    from modules.protection.online import format_online_table
+    from modules.protection.testbed import evaluate_online
+    images, issame = testsets.load_verification_set(cfg['test_dataset'], FLAGS.set)
+    print(f'[*] online attacks on {FLAGS.online_subjects} subjects of {FLAGS.set}, '
+          f'{FLAGS.online_budget} requests each: starting serve.py on 127.0.0.1', flush=True)
+    report = evaluate_online(FLAGS.cfg_path, images, issame, FLAGS.online_subjects,
+                             FLAGS.online_budget, FLAGS.seed)
+    print(format_online_table(report))
+    report.update(set=FLAGS.set, cfg_path=FLAGS.cfg_path)
+    json_path = os.path.join(log_dir(cfg), 'protection_online.json')
+    with atomic_output(json_path, 'w') as fh:
+        json.dump(report, fh, indent=2, default=float)
+    print(f'[*] wrote {json_path}')
 
 
 if __name__ == '__main__':

@@ -1,10 +1,12 @@
-"""Protected-template gallery: init, enroll, enroll_dir, verify, identify, revoke, rekey, list.
+"""Protected-template gallery: init, enroll, enroll_dir, verify, identify, revoke, rekey, unlock,
+list.
 
     gallery.py init --cfg_path CFG --db gallery.sqlite [--key_mode subject]
     gallery.py enroll --db gallery.sqlite --name NAME --image PHOTO [--key_out KEYFILE]
     gallery.py verify --db gallery.sqlite --name NAME --image PHOTO [--subject_key KEYFILE]
                                                                       (exit 0 match, 1 no match)
     gallery.py identify --db gallery.sqlite --image PHOTO [--top_k 5]  (exit 0 match, 1 no match)
+    gallery.py unlock --db gallery.sqlite --name NAME   (clears a lockout after failed attempts)
     gallery.py enroll_dir | revoke | rekey | list ...
 --db is an SQLite file or a PostgreSQL URL, postgresql://user@host:port/dbname (password from
 ~/.pgpass, PGPASSWORD or a service file, never in the URL); docs/deployment.md.
@@ -21,11 +23,12 @@ from modules import script_flags
 from modules.deploy import flags as gallery_flags
 from modules.utils import UserError, cli_guard
 
-COMMANDS = ('init', 'enroll', 'enroll_dir', 'verify', 'identify', 'revoke', 'rekey', 'list')
+COMMANDS = ('init', 'enroll', 'enroll_dir', 'verify', 'identify', 'revoke', 'rekey', 'unlock',
+            'list')
 script_flags.define(None, 'init: stage-2 config of the hashing model (later commands '
                     'use the one recorded in the database unless given)')
 flags.adopt_module_key_flags(script_flags)  # listed by --help as the script's own
-flags.DEFINE_string('name', None, 'subject name (enroll, verify, revoke)')
+flags.DEFINE_string('name', None, 'subject name (enroll, verify, revoke, unlock)')
 flags.DEFINE_string('image', None, 'face photo: a 112x112 aligned crop or a photograph (aligned '
                     'with modules.align, see --align)')
 flags.DEFINE_string('input_dir', None, 'enroll_dir: one sub-folder of photos per subject')
@@ -190,6 +193,13 @@ def _rekey(gallery):
           'template(s) deleted: every subject must enrol again')
 
 
+def _unlock(gallery):
+    from modules.deploy.attempts import unlock
+    _require('unlock', 'name')
+    cleared = unlock(gallery, FLAGS.name, 'gallery.py unlock')
+    print(f'[*] unlocked {FLAGS.name}: {cleared} failed attempt(s) in a row cleared')
+
+
 def _list(gallery):
     print(f"{FLAGS.db}: m={gallery.m} q={gallery.q}, {gallery.meta['key_mode']} key(s), key id "
           f"{gallery.meta['key_id']}, model "
@@ -197,6 +207,10 @@ def _list(gallery):
     for name, count, first, last in gallery.subjects():
         print(f'  {name:30s} {count:3d} template(s), enrolled {_when(first)}'
               + (f', last {_when(last)}' if last != first else ''))
+    from modules.deploy.attempts import lockouts
+    for scope, name, failures, until in lockouts(gallery):
+        print(f"  locked until {_when(until)}: {'' if scope == 'subject' else 'token '}{name} "
+              f'({failures} failures in a row)')
     print('audit:')
     for ts, event, name, detail in gallery.audit()[-20:]:
         print(f"  {_when(ts)} {event:7s} {name or '-':20s} {detail}")
@@ -206,7 +220,7 @@ def _list(gallery):
 _WITH_MODEL = {'init': _init, 'enroll': lambda: _enroll_or_verify('enroll'),
                'verify': lambda: _enroll_or_verify('verify'), 'enroll_dir': _enroll_dir,
                'identify': _identify}
-_DATABASE_ONLY = {'revoke': _revoke, 'rekey': _rekey, 'list': _list}
+_DATABASE_ONLY = {'revoke': _revoke, 'rekey': _rekey, 'unlock': _unlock, 'list': _list}
 
 
 @cli_guard

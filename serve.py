@@ -15,7 +15,9 @@ import sys
 from absl import app, flags
 
 from modules import script_flags
+from modules.deploy import attempts
 from modules.deploy import flags as gallery_flags
+from modules.deploy.service import bucket
 from modules.utils import UserError, cli_guard
 
 script_flags.define(None, 'stage-2 config of the hashing model (default: the one '
@@ -32,6 +34,22 @@ flags.adopt_module_key_flags(gallery_flags)  # listed by --help like the script'
 flags.DEFINE_integer('max_batch', 64, 'most photos hashed in one model call', lower_bound=1)
 flags.DEFINE_float('batch_wait_ms', 30.0, 'longest wait of a batch for more photos (only while '
                    'fewer than recently waited at once are in it)', lower_bound=0.0)
+flags.DEFINE_bool('expose_scores', False, 'answer verify and identify with Hamming distances '
+                  '(research, benchmarks); they are what a hill-climbing attacker needs, so by '
+                  'default the answers hold decisions only')
+flags.DEFINE_integer('max_failures', attempts.MAX_FAILURES, 'consecutive non-matches for one '
+                     'subject (verify, a further template) before it is locked out (429); 0: no '
+                     'limit', lower_bound=0)
+flags.DEFINE_float('lockout_s', attempts.LOCKOUT_S, 'first lockout in seconds; each further '
+                   'failure doubles it', lower_bound=1.0)
+flags.DEFINE_float('max_lockout_s', attempts.MAX_LOCKOUT_S, 'longest lockout in seconds',
+                   lower_bound=1.0)
+flags.DEFINE_integer('max_identify_failures', attempts.MAX_IDENTIFY_FAILURES, 'consecutive '
+                     'identify probes of one token that match no one before its identify is '
+                     'locked out (same delays); 0: no limit', lower_bound=0)
+flags.DEFINE_float('rate', bucket.RATE, 'requests per second per token on /v1 routes once a '
+                   'burst is spent (429 above it; per instance); 0: no bucket', lower_bound=0.0)
+flags.DEFINE_integer('burst', bucket.BURST, 'requests a token may send at once', lower_bound=1)
 flags.DEFINE_enum('role', None, ('admin', 'client'), 'token add: what the token may do (admin: '
                   'enrol, list, revoke, rekey; client: verify, identify)')
 flags.DEFINE_string('id', None, 'token revoke: the id printed by `token add` / `token list`')
@@ -71,6 +89,29 @@ def _token(argv):
             print(f'{tid}  {role:6s}  made {when:%Y-%m-%d %H:%M:%S} UTC')
 
 
+def _limit_settings():
+    """The Settings fields of the answer and attempt-limit flags (UserError for bad ones)."""
+    from modules.deploy.attempts import Limits
+    subject = Limits(FLAGS.max_failures, FLAGS.lockout_s, FLAGS.max_lockout_s)
+    return dict(expose_scores=FLAGS.expose_scores, subject_limits=subject,
+                identify_limits=Limits(FLAGS.max_identify_failures, FLAGS.lockout_s,
+                                       FLAGS.max_lockout_s),
+                rate=FLAGS.rate, burst=FLAGS.burst)
+
+
+def _limits_line(settings):
+    """What serve.py prints at start about answers and limits."""
+    s, i = settings.subject_limits, settings.identify_limits
+    lockout = f'then {s.lockout_s:g} s doubling up to {s.max_lockout_s:g} s'
+    return ('[*] answers: ' + ('decisions and DISTANCES (--expose_scores: for research only)'
+                               if settings.expose_scores else 'decisions only') + '; limits: '
+            + (f'{s.max_failures} failures per subject' if s.on else 'none per subject') + ', '
+            + (f'{i.max_failures} identify probes without a match per token' if i.on else
+               'none on identify probes') + (f' ({lockout})' if s.on or i.on else '') + ', '
+            + (f'{settings.rate:g} requests/s per token after a burst of {settings.burst}'
+               if settings.rate else 'no per-token rate'))
+
+
 def _serve():
     import uvicorn
 
@@ -95,10 +136,12 @@ def _serve():
     settings = Settings(threshold=threshold, threshold_source=source,
                         max_upload_bytes=int(FLAGS.max_upload_mb * 2 ** 20),
                         max_pixels=FLAGS.max_pixels, align=FLAGS.align,
-                        max_batch=FLAGS.max_batch, batch_wait_s=FLAGS.batch_wait_ms / 1000)
+                        max_batch=FLAGS.max_batch, batch_wait_s=FLAGS.batch_wait_ms / 1000,
+                        **_limit_settings())
     print(f'[*] {FLAGS.db}: {gallery.count()} templates, m={gallery.m} q={gallery.q}, '
           f"{gallery.meta['key_mode']} key(s), key id {gallery.meta['key_id']}; threshold "
           f'{threshold:g} ({source})')
+    print(_limits_line(settings))
     print(f'[*] serving on http://{FLAGS.host}:{FLAGS.port}/ (API docs at /docs)', flush=True)
     # uvicorn finishes the requests in flight on SIGTERM/SIGINT and then raises the signal again
     # with the handler it found: this one makes that clean stop (or one before uvicorn runs) an

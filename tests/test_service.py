@@ -21,6 +21,7 @@ from modules.deploy.store import is_postgres
 from tests.helpers.gallery import gallery_bytes
 from tests.helpers.service import (
     ENV,
+    LOAD_FLAGS,
     SERVE,
     THRESHOLD,
     Client,
@@ -41,7 +42,7 @@ def svc(tmp_path_factory, request):
           request.getfixturevalue('pg_server').create_db('service'))
     # The server creates the gallery; tokens are added while it runs (seen on the next request).
     server = Server(work, db, '--cfg_path', cfg_path, '--threshold', str(THRESHOLD),
-                    '--max_pixels', '1000000', '--max_upload_mb', '1')
+                    '--max_pixels', '1000000', '--max_upload_mb', '1', *LOAD_FLAGS)
     state = {'work': work, 'cfg_path': cfg_path, 'db': db, 'server': server, 'faces': faces,
              'gids': gids, 'admin': token(work, db, 'admin'), 'client': token(work, db, 'client')}
     yield state
@@ -274,7 +275,8 @@ def test_sigterm_then_sigkill_during_enrolment_loses_nothing_acknowledged(svc):
         assert tok not in log and tok[5:] not in log
     assert 'Traceback' not in log
     # Restart on the same database: what was acknowledged is there, and the tokens still work.
-    server = svc['server'] = Server(svc['work'], svc['db'], '--threshold', str(THRESHOLD))
+    server = svc['server'] = Server(svc['work'], svc['db'], '--threshold', str(THRESHOLD),
+                                    *LOAD_FLAGS)
     names = {s['name'] for s in httpx.get(server.url + '/v1/subjects', headers=bearer(
         svc['admin'])).json()['subjects']}
     assert set(acked) <= names and names - set(acked) <= before
@@ -300,7 +302,7 @@ def test_subject_keys_travel_with_the_request_and_are_never_kept(svc):
     work, faces = svc['work'], svc['faces']
     db = os.path.join(work, 'subject.sqlite')
     server = Server(work, db, '--cfg_path', svc['cfg_path'], '--threshold', str(THRESHOLD),
-                    '--key_mode', 'subject')
+                    '--key_mode', 'subject', '--expose_scores')
     try:
         admin, client = bearer(token(work, db, 'admin')), bearer(token(work, db, 'client'))
         photo = {'image': ('a.jpg', jpeg(faces[0]))}

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from modules.deploy.gallery import Gallery
-from tests.helpers.service import THRESHOLD, Client, Server, bearer, jpeg, token
+from tests.helpers.service import LOAD_FLAGS, THRESHOLD, Client, Server, bearer, jpeg, token
 
 
 @pytest.fixture(scope='module')
@@ -21,11 +21,12 @@ def two(tmp_path_factory, pg_server):
     cfg_path = make_tiny_model(work)
     faces, _ = synthetic_faces(40, 2)
     db = pg_server.create_db('service')
-    first = Server(work, db, '--cfg_path', cfg_path, '--threshold', str(THRESHOLD))  # creates it
+    first = Server(work, db, '--cfg_path', cfg_path, '--threshold', str(THRESHOLD),
+                   *LOAD_FLAGS)  # creates it
     assert os.path.isfile(os.path.join(work, db.rsplit('/', 1)[1] + '.key'))  # beside the config
     servers = [first]
     try:
-        servers.append(Server(work, db, '--threshold', str(THRESHOLD)))
+        servers.append(Server(work, db, '--threshold', str(THRESHOLD), *LOAD_FLAGS))
         yield {'work': work, 'db': db, 'servers': servers, 'faces': faces,
                'admin': token(work, db, 'admin'), 'client': token(work, db, 'client')}
     finally:

@@ -37,6 +37,7 @@ from modules.deploy.keys import (
     new_key,
     write_key,
 )
+from modules.deploy.migrations import upgrade
 from modules.deploy.search import pack_codes, search
 from modules.deploy.store import SCHEMA_VERSION, check_schema_version, open_store
 from modules.utils import UserError
@@ -167,6 +168,7 @@ class Gallery:
                 raise UserError(f"{db_path}: unknown gallery format {meta.get('format')!r} "
                                 f'(expected {FORMAT})')
             check_schema_version(db_path, meta)
+            upgrade(store, meta)
             # Galleries made before key modes existed have no key_mode row: application keys.
             meta.setdefault('key_mode', 'application')
             kpath = key_file or store.default_key_file(meta.get('cfg_path', '.'))
@@ -348,11 +350,14 @@ class Gallery:
         return len(rows)
 
     def revoke(self, name):
-        """Delete every template of a subject; UserError for an unknown name."""
+        """Delete every template of a subject, and its failed attempts; UserError for an unknown
+        name."""
         with self._write() as conn:
             deleted = conn.execute('DELETE FROM templates WHERE name = ?', (name,)).rowcount
             if not deleted:
                 raise NotEnrolled(f'{name!r} is not enrolled in {self.db_path}')
+            # Whoever is enrolled under this name next starts with a clean count.
+            conn.execute("DELETE FROM attempts WHERE scope = 'subject' AND name = ?", (name,))
             conn.execute(_INSERT_AUDIT, (time.time(), 'revoke', name, f'{deleted} template(s) deleted'))
         return deleted
 

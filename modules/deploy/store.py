@@ -9,8 +9,11 @@ SQLite (a file path): WAL journal, every write one `BEGIN IMMEDIATE` transaction
 writers queue on the file lock. PostgreSQL (`postgresql://user@host:port/dbname`, or libpq's PG*
 variables and service file): every write is one transaction whose first statement moves the
 `generation` row of `meta`, which row-locks it, so writers of every process queue there just as
-they do on SQLite's lock, and each then sees everything committed before it. A lost connection is
-reported as `DatabaseUnavailable` and reopened on the next call.
+they do on SQLite's lock, and each then sees everything committed before it. Attempt counters
+(`modules.deploy.attempts`) are written without moving the generation: they change no code, so no
+reader's cache is dropped for them; their rows are locked instead (`row_lock`). A lost connection
+is reported as `DatabaseUnavailable` and reopened on the next call. Galleries of an older schema
+are upgraded in place when opened (`modules.deploy.migrations`).
 """
 import contextlib
 import os
@@ -20,15 +23,16 @@ import sqlite3
 
 from modules.utils import UserError
 
-SCHEMA_VERSION = 1
-TABLES = ('meta', 'templates', 'audit', 'tokens')
+SCHEMA_VERSION = 2  # 2: attempt counters and their audit events (modules.deploy.migrations)
+TABLES = ('meta', 'templates', 'audit', 'tokens', 'attempts')
 _BUSY_TIMEOUT_S = 120.0
 _CONNECT_TIMEOUT_S = 5
 _PG_PREFIXES = ('postgresql://', 'postgres://')
-_AUDIT_CHECK = "CHECK (event IN ('init', 'enroll', 'revoke', 'rekey'))"
+AUDIT_EVENTS = ('init', 'enroll', 'revoke', 'rekey', 'failure', 'lockout', 'unlock')
+AUDIT_CHECK = f"CHECK (event IN ({', '.join(repr(e) for e in AUDIT_EVENTS)}))"
 _TOKENS_ROLE_CHECK = "CHECK (role IN ('admin', 'client'))"
 
-_SQLITE_SCHEMA = f"""
+_SQLITE_SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE templates (
     id INTEGER PRIMARY KEY,
@@ -39,13 +43,27 @@ CREATE TABLE templates (
     source TEXT NOT NULL,
     created REAL NOT NULL);
 CREATE INDEX templates_name ON templates (name);
-CREATE TABLE audit (
+"""
+SQLITE_AUDIT = f"""
+CREATE TABLE {{table}} (
     id INTEGER PRIMARY KEY,
     time REAL NOT NULL,
-    event TEXT NOT NULL {_AUDIT_CHECK},
+    event TEXT NOT NULL {AUDIT_CHECK},
     name TEXT,
-    detail TEXT NOT NULL);
-"""
+    detail TEXT NOT NULL)"""
+
+
+def attempts_table(real):
+    """CREATE TABLE of the attempt counters (modules.deploy.attempts), `real` the float type:
+    consecutive failures and the end of the lockout (UNIX s) per subject or per token id."""
+    return f"""CREATE TABLE attempts (
+        scope TEXT NOT NULL CHECK (scope IN ('subject', 'token')),
+        name TEXT NOT NULL,
+        failures INTEGER NOT NULL,
+        locked_until {real} NOT NULL,
+        PRIMARY KEY (scope, name))"""
+
+
 # Made on the first token, so SQLite galleries from before the service open unchanged.
 _SQLITE_TOKENS = f"""
 CREATE TABLE IF NOT EXISTS tokens (
@@ -67,13 +85,14 @@ _PG_SCHEMA = [
     f"""CREATE TABLE audit (
         id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
         time DOUBLE PRECISION NOT NULL,
-        event TEXT NOT NULL {_AUDIT_CHECK},
+        event TEXT NOT NULL {AUDIT_CHECK},
         name TEXT,
         detail TEXT NOT NULL)""",
     f"""CREATE TABLE tokens (
         digest TEXT PRIMARY KEY,
         role TEXT NOT NULL {_TOKENS_ROLE_CHECK},
         created DOUBLE PRECISION NOT NULL)""",
+    attempts_table('DOUBLE PRECISION'),
 ]
 # Every write moves the change counter first: on PostgreSQL this row lock is what serialises
 # writers (see the module docstring); readers compare it with the one their cache was built at.
@@ -118,6 +137,10 @@ def check_schema_version(where, meta):
 class SQLiteStore:
     """A gallery in one SQLite file (the embedded default)."""
 
+    # Appended to a SELECT inside a write transaction to lock the rows read: nothing here, as
+    # BEGIN IMMEDIATE already holds the file's write lock.
+    row_lock = ''
+
     def __init__(self, path):
         self.where = path
         self.path = path
@@ -150,6 +173,8 @@ class SQLiteStore:
             with self.errors(), contextlib.closing(sqlite3.connect(tmp)) as conn:
                 conn.execute('PRAGMA journal_mode=WAL')
                 conn.executescript(_SQLITE_SCHEMA)
+                conn.execute(SQLITE_AUDIT.format(table='audit'))
+                conn.execute(attempts_table('REAL'))
                 conn.executemany('INSERT INTO meta VALUES (?, ?)', meta_rows)
                 conn.execute('INSERT INTO audit (time, event, name, detail) VALUES (?, ?, ?, ?)',
                              audit_row)
@@ -193,12 +218,14 @@ class SQLiteStore:
                                                 "'table'")}
 
     @contextlib.contextmanager
-    def write(self):
-        """One write transaction (generation moved first); yields the connection."""
+    def write(self, bump=True):
+        """One write transaction (generation moved first, unless `bump` is False: writes that
+        change no code, like attempt counters); yields the connection."""
         with self.errors():
             self.conn.execute('BEGIN IMMEDIATE')
             try:
-                self.conn.execute(BUMP_GENERATION)
+                if bump:
+                    self.conn.execute(BUMP_GENERATION)
                 yield self.conn
                 self.conn.execute('COMMIT')
             except BaseException:
@@ -262,6 +289,8 @@ def _one_line(err):
 
 class PostgresStore:
     """A gallery in a PostgreSQL database (libpq connection string; no password in it)."""
+
+    row_lock = ' FOR UPDATE'  # see SQLiteStore.row_lock
 
     def __init__(self, url):
         from psycopg.conninfo import conninfo_to_dict
@@ -364,11 +393,13 @@ class PostgresStore:
         return {r[0] for r in rows}
 
     @contextlib.contextmanager
-    def write(self):
-        """One write transaction (generation moved, and so row-locked, first)."""
+    def write(self, bump=True):
+        """One write transaction (generation moved, and so row-locked, first, unless `bump` is
+        False: writes that change no code, serialised by their own row locks)."""
         conn = self._connection(check=True)
         with self.errors(), conn.transaction():
-            conn.execute(BUMP_GENERATION)
+            if bump:
+                conn.execute(BUMP_GENERATION)
             yield _PgTx(conn)
 
     def ensure_tokens_table(self, conn):

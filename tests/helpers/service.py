@@ -25,6 +25,12 @@ THRESHOLD = 8  # the tiny random model's codes: same photo 0, other photos ~5-20
 
 START_TIMEOUT_S = 180
 
+# The load tests' server: their clients check distances (--expose_scores), share one client token
+# at hundreds of requests per second (no bucket) and probe with photos of subjects that other
+# clients revoke meanwhile (no bound on identify probes). Per-subject limits stay on: a client
+# verifies its own photos, which always match.
+LOAD_FLAGS = ('--expose_scores', '--rate', '0', '--max_identify_failures', '0')
+
 
 class Server:
     """serve.py in a subprocess on a free loopback port, its output in `log_path`."""

@@ -5,6 +5,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from modules.deploy.attempts import Locked
 from modules.deploy.gallery import KeyChanged, NotEnrolled, SubjectKeyMismatch, WrongKeyMode
 from modules.deploy.service.requests import REKEYED
 from modules.deploy.store import DatabaseUnavailable
@@ -36,6 +37,11 @@ def add_error_handlers(app):
     @app.exception_handler(NotEnrolled)
     async def not_enrolled(request, err):
         return JSONResponse({'detail': str(err)}, 404)
+
+    @app.exception_handler(Locked)
+    async def locked(request, err):
+        return JSONResponse({'detail': str(err)}, 429,
+                            headers={'Retry-After': err.retry_after_header()})
 
     @app.exception_handler(WrongKeyMode)
     async def wrong_key_mode(request, err):

@@ -19,12 +19,14 @@ router = APIRouter()
 @router.get('/healthz')
 async def healthz(service=SERVICE):
     """Liveness and what is served: template count, code size, model and key ids, threshold,
-    photos hashed and model calls so far (their ratio is the mean batch size)."""
-    gallery = service.gallery
+    whether answers hold distances, the attempt limits, photos hashed and model calls so far
+    (their ratio is the mean batch size)."""
+    gallery, settings = service.gallery, service.settings
     count = await service.db(gallery.count)
     return {'status': 'ok', 'templates': count, 'm': gallery.m, 'q': gallery.q,
             'model_fingerprint': gallery.meta['model_fp'], 'key_id': gallery.meta['key_id'],
-            'threshold': service.settings.threshold, 'photos_hashed': service.batcher.hashed,
+            'threshold': settings.threshold, 'expose_scores': settings.expose_scores,
+            'limits': settings.limits(), 'photos_hashed': service.batcher.hashed,
             'model_calls': service.batcher.batches}
 
 

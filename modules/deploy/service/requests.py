@@ -1,10 +1,13 @@
-"""What every route shares: the service behind the app, bearer-token roles, the upload size
-limit, form fields and the subject-key field."""
+"""What every route shares: the service behind the app, bearer-token roles and the per-token
+request bucket, the upload size limit, form fields and the subject-key field."""
+import dataclasses
+import math
+
 from fastapi import Depends, File, Form, HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from modules.deploy.gallery import check_name
-from modules.deploy.tokens import token_role
+from modules.deploy.tokens import token_digest, token_id, token_role
 from modules.utils import UserError
 
 REKEYED = 'the gallery was re-keyed while this request was processed: send it again'
@@ -65,17 +68,34 @@ def _bearer(request):
     return token.strip()
 
 
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    """Who sent a request: the token's role and public id (never the token)."""
+
+    role: str
+    token_id: str
+
+
 def _role_checker(required):
     async def check(request: Request):
         service = current_service(request)
+        token = _bearer(request)
         # A lookup of a few rows on the event loop's own connection (WAL: readers never wait
         # for writers) costs less than a hop to the database thread, and sees revocations at once.
-        role = token_role(service.auth_gallery, _bearer(request))
+        role = token_role(service.auth_gallery, token)
         if role is None:
             raise HTTPException(401, 'invalid or revoked token', {'WWW-Authenticate': 'Bearer'})
+        digest = token_digest(token)
+        # Only known tokens get a bucket: made-up tokens cannot fill the table.
+        wait = service.bucket.take(digest) if service.bucket is not None else 0.0
+        if wait:
+            settings = service.settings
+            raise HTTPException(429, f'too many requests from this token (--rate {settings.rate:g} '
+                                f'per second, --burst {settings.burst}): try again in '
+                                f'{math.ceil(wait)} s', {'Retry-After': str(math.ceil(wait))})
         if required == 'admin' and role != 'admin':
             raise HTTPException(403, 'this needs an admin token')
-        return role
+        return Caller(role, token_id(digest))
     return check
 
 

@@ -11,8 +11,11 @@ import numpy as np
 from fastapi import HTTPException
 
 from modules.align import face_crop, read_photo
+from modules.deploy import attempts
+from modules.deploy.attempts import Limits
 from modules.deploy.hashing import Hasher
 from modules.deploy.service.batcher import Batcher
+from modules.deploy.service.bucket import BURST, RATE, TokenBucket
 from modules.utils import UserError
 
 _SOURCE_CHARS = 100
@@ -29,6 +32,20 @@ class Settings:
     align: str = 'auto'
     max_batch: int = 64
     batch_wait_s: float = 0.030
+    expose_scores: bool = False  # distances (and threshold, template count) in the answers
+    subject_limits: Limits = Limits()  # verify and further templates, per subject
+    # identify probes, per token
+    identify_limits: Limits = Limits(max_failures=attempts.MAX_IDENTIFY_FAILURES)
+    rate: float = RATE  # per-token bucket; 0: none
+    burst: int = BURST
+
+    def limits(self):
+        """The limits as /healthz shows them."""
+        return {'max_failures': self.subject_limits.max_failures,
+                'lockout_s': self.subject_limits.lockout_s,
+                'max_lockout_s': self.subject_limits.max_lockout_s,
+                'max_identify_failures': self.identify_limits.max_failures,
+                'rate': self.rate, 'burst': self.burst}
 
 
 class Service:
@@ -49,6 +66,24 @@ class Service:
         self.settings = settings
         self.auth_gallery = None  # opened by the app's lifespan, on the event loop's thread
         self.batcher = Batcher(self._hash_faces, settings.max_batch, settings.batch_wait_s)
+        self.bucket = TokenBucket(settings.rate, settings.burst) if settings.rate else None
+
+    def _limits(self, scope):
+        return (self.settings.subject_limits if scope == 'subject' else
+                self.settings.identify_limits)
+
+    async def refuse_if_locked(self, scope, name):
+        """429 (attempts.Locked) at once for a subject or token locked out now, before its
+        photo is hashed."""
+        if self._limits(scope).on:
+            await self.db(attempts.check, self.gallery, scope, name)
+
+    def settle(self, scope, name, matched, what):
+        """On the database thread: count one decided attempt (attempts.settle); Locked when its
+        answer may not be given."""
+        limits = self._limits(scope)
+        if limits.on:
+            attempts.settle(self.gallery, scope, name, matched, limits, what)
 
     def _hash_faces(self, faces, subject_keys):
         # Runs on the model thread, as does a rekey's model swap: the key id names the key used.

@@ -41,6 +41,7 @@ function failed(result) {
     401: ' (check the token)',
     403: ' (this needs an admin token)',
     413: ' (the photo is too large)',
+    429: ' (too many attempts: wait, or ask an admin to unlock the subject)',
   };
   show('Error ' + result.status + ': ' + result.body.detail + (hints[result.status] || ''), 'error');
   return true;
@@ -83,8 +84,10 @@ async function verify() {
   if (failed(result)) return;
   const b = result.body;
   showCrop(b);
-  show((b.match ? 'MATCH' : 'NO MATCH') + ': ' + b.name + ', distance ' + b.distance + ' / ' + b.m +
-       ' (threshold ' + b.threshold + ')', b.match ? 'match' : 'nomatch');
+  // Distances come only from a server run with --expose_scores; by default the decision alone.
+  const score = 'distance' in b
+    ? ', distance ' + b.distance + ' / ' + b.m + ' (threshold ' + b.threshold + ')' : '';
+  show((b.match ? 'MATCH' : 'NO MATCH') + ': ' + b.name + score, b.match ? 'match' : 'nomatch');
 }
 
 async function identify() {
@@ -97,22 +100,29 @@ async function identify() {
   if (failed(result)) return;
   const b = result.body;
   showCrop(b);
+  // By default only the subjects that match are listed (names, best first); with
+  // --expose_scores the closest templates with their distances and decisions.
+  const scores = 'threshold' in b;
   const rows = table.querySelector('tbody');
   rows.replaceChildren();
   b.candidates.forEach((c, i) => {
     const tr = document.createElement('tr');
-    for (const text of [i + 1, c.name, c.distance, c.match ? 'MATCH' : '']) {
+    const cells = scores ? [i + 1, c.name, c.distance, c.match ? 'MATCH' : ''] : [i + 1, c.name];
+    for (const text of cells) {
       const td = document.createElement('td');
       td.textContent = String(text);
       tr.appendChild(td);
     }
     rows.appendChild(tr);
   });
-  table.hidden = false;
+  table.querySelectorAll('th.score').forEach((th) => { th.hidden = !scores; });
+  table.hidden = b.candidates.length === 0;
   const best = b.candidates[0];
-  show(best.match ? 'Best match: ' + best.name + ' (distance ' + best.distance + ')'
-                  : 'No one within the threshold ' + b.threshold + ' among ' + b.templates + ' templates',
-       best.match ? 'match' : 'nomatch');
+  const matched = best !== undefined && (!scores || best.match);
+  show(matched ? 'Best match: ' + best.name + (scores ? ' (distance ' + best.distance + ')' : '')
+               : 'No one matches' + (scores ? ' within the threshold ' + b.threshold + ' among ' +
+                                                b.templates + ' templates' : ''),
+       matched ? 'match' : 'nomatch');
 }
 
 async function enroll() {
@@ -165,7 +175,8 @@ function shoot() {
 async function health() {
   const result = await call('GET', '/healthz');
   $('health').textContent = result.ok
-    ? result.body.templates + ' templates, m=' + result.body.m + ', key ' + result.body.key_id
+    ? result.body.templates + ' templates, m=' + result.body.m + ', key ' + result.body.key_id +
+      (result.body.expose_scores ? ', distances shown (--expose_scores)' : '')
     : 'unavailable';
 }
 
