@@ -34,7 +34,7 @@ DEFAULT_CHUNK_SIZE = 4096
 # Codes whose mismatch counts are folded into the running top-k at once (one probe): the merge
 # costs a dozen small numpy calls, so it runs once per span rather than once per chunk.
 _SPAN = 65536
-_FILL_CHUNK = 8192  # codes sliced into planes at a time when appending
+_FILL_CHUNK = 1024  # codes sliced into planes at a time: its temporaries stay in the L2 cache
 COMPACT_FRACTION = 0.2
 _GROWTH = 1.25  # capacity step of the id and liveness arrays (the planes grow by blocks)
 _POOL = None
