@@ -52,7 +52,7 @@ async def identify(image: UploadFile = IMAGE,
     def search():
         if kid != gallery.meta['key_id']:
             raise HTTPException(409, REKEYED)
-        return gallery.identify(code, top_k), gallery.count()
+        return gallery.identify(code, top_k), gallery.indexed()
     found, templates = await service.fresh(search)
     return with_crop({'threshold': threshold, 'templates': templates, 'candidates': [
         {'name': n, 'distance': d, 'match': bool(accepts(d, threshold))}
