@@ -40,7 +40,7 @@ PG_CHANGES = [
     """CREATE TRIGGER changes_notify AFTER INSERT ON changes FOR EACH STATEMENT
         EXECUTE FUNCTION iomface_changes_notify()""",
 ]
-_SCAN_ROWS = 16384  # rows per fetch when loading: bounded memory, few round trips
+_SCAN_ROWS = 4096  # rows per fetch when loading: little transient memory, few round trips
 _DELTA_HEAD = ("SELECT MAX(seq), SUM(CASE WHEN op = 'rekey' THEN 1 ELSE 0 END) FROM changes "
                'WHERE seq > ?')
 _DELTA_ROWS = ('SELECT c.seq, c.op, c.template_id, t.codes FROM changes c LEFT JOIN templates t '
