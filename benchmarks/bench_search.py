@@ -27,7 +27,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from modules.deploy.index import CodeIndex, _pool, default_threads  # noqa: E402
+from modules.deploy.index import CodeIndex, default_threads, thread_pool  # noqa: E402
 from modules.deploy.search import search  # noqa: E402
 from modules.utils import UserError, cli_guard  # noqa: E402
 
@@ -103,7 +103,7 @@ def used_planes(index):
 def bandwidth_fns(index):
     """The plain np.sum over the planes (one thread), and the same split over the threads."""
     views = used_planes(index)
-    pool = _pool(index.threads)
+    pool = thread_pool(index.threads)
 
     def one():
         return sum(int(v.sum(dtype=np.uint64)) for v in views)

@@ -169,6 +169,21 @@ def test_crash_between_a_write_and_its_log_row_leaves_neither(gallery):
         assert [n for n, _, _ in gallery.identify(np.ones((1, M), np.uint8), 2)] == ['kept']
 
 
+def test_log_rows_out_of_order_make_a_full_load(gallery):
+    codes = np.random.default_rng(3).integers(0, Q, (3, M)).astype(np.uint8)
+    gallery.enroll_bulk(['a', 'b', 'c'], codes)
+    gallery.sync_index()
+    first = int(db_state(gallery)[1][0])
+    with gallery.store.write() as conn:  # a hand edit IoMFace never makes: an old id re-enrolled
+        conn.execute('UPDATE templates SET codes = ? WHERE id = ?', (codes[2].tobytes(), first))
+        conn.execute("INSERT INTO changes (template_id, op) VALUES (?, 'enroll')", (first,))
+    gallery.sync_index()
+    assert gallery._live.loads == 2
+    top, ids, stored = db_state(gallery)
+    assert gallery._live.seq == top
+    assert_index_equals(gallery._live.index, ids, stored)
+
+
 def test_older_gallery_is_upgraded_in_place(gallery):
     codes = np.random.default_rng(2).integers(0, Q, (3, M))
     gallery.enroll_bulk(['a', 'b', 'c'], codes)

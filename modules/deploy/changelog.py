@@ -19,7 +19,7 @@ import threading
 
 import numpy as np
 
-from modules.deploy.index import CodeIndex
+from modules.deploy.index import CodeIndex, OutOfOrder
 from modules.utils import UserError
 
 CHANNEL = 'iomface_changes'
@@ -97,7 +97,7 @@ class LiveIndex:
         try:
             self.store.scan(None, _DELTA_ROWS, lambda rows: applied.append(self._apply(rows)),
                             (self.seq, top), self.scan_rows)
-        except UserError:
+        except OutOfOrder:
             # Rows this index cannot take in order (ids not above the ones held: never written
             # by IoMFace, but a hand-edited database may hold them): start again from a snapshot.
             return self._load()

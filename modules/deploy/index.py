@@ -38,7 +38,12 @@ _FILL_CHUNK = 1024  # codes sliced into planes at a time: its temporaries stay i
 COMPACT_FRACTION = 0.2
 _GROWTH = 1.25  # capacity step of the id and liveness arrays (the planes grow by blocks)
 _POOL = None
+_POOL_SIZE = 0
 _POOL_LOCK = threading.Lock()
+
+
+class OutOfOrder(UserError):
+    """Template ids that do not come after the ids already held (see `CodeIndex.append`)."""
 
 
 def default_threads():
@@ -48,14 +53,14 @@ def default_threads():
     return os.cpu_count() or 1
 
 
-def _pool(threads):
-    """The shared scan threads (one pool for every index of the process)."""
-    global _POOL
+def thread_pool(threads):
+    """The shared scan threads, at least `threads` of them (one pool for every index)."""
+    global _POOL, _POOL_SIZE
     with _POOL_LOCK:
-        if _POOL is None or _POOL._max_workers < threads:
+        if _POOL_SIZE < threads:
             if _POOL is not None:
                 _POOL.shutdown(wait=False)
-            _POOL = concurrent.futures.ThreadPoolExecutor(threads, 'code-index')
+            _POOL, _POOL_SIZE = concurrent.futures.ThreadPoolExecutor(threads, 'code-index'), threads
         return _POOL
 
 
@@ -116,7 +121,7 @@ class CodeIndex:
         if not len(ids):
             return
         if np.any(ids[1:] <= ids[:-1]):
-            raise UserError('CodeIndex.append: template ids must increase')
+            raise OutOfOrder('CodeIndex.append: template ids must increase')
         with self._lock:
             self._drop_dead_tail(ids[0])
             self._reserve(len(ids))
@@ -184,8 +189,8 @@ class CodeIndex:
         if cut == self._size:
             return
         if self._alive[cut:self._size].any():
-            raise UserError(f'CodeIndex.append: template id {first_new} is not above the ids '
-                            'already held')
+            raise OutOfOrder(f'CodeIndex.append: template id {first_new} is not above the ids '
+                             'already held')
         dropped = np.bincount(np.arange(cut, self._size) // self.block_size,
                               minlength=len(self._blocks))
         self._block_dead -= dropped
@@ -240,7 +245,7 @@ class CodeIndex:
             if threads == 1:
                 results = [self._scan(probes, spans, taken, k)]
             else:
-                pool = _pool(threads)
+                pool = thread_pool(threads)
                 results = [f.result() for f in [pool.submit(self._scan, probes, spans, taken, k)
                                                 for _ in range(threads)]]
             best = np.sort(np.concatenate(results, axis=1), axis=1)[:, :k]
