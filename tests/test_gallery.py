@@ -232,11 +232,10 @@ def test_concurrent_rekey_and_enrolment_never_leave_codes_of_two_keys(tmp_path, 
 def test_postgres_refusals_newer_schema_and_connection_errors(tmp_path, pg_server):
     import psycopg
     gallery = new_gallery(tmp_path, pg_server.create_db())
+    newer = SCHEMA_VERSION + 1
     with psycopg.connect(gallery.db_path, autocommit=True) as conn:
-        conn.execute("UPDATE meta SET value = %s WHERE key = 'schema_version'",
-                     (str(SCHEMA_VERSION + 1),))
-    with pytest.raises(UserError, match=f'schema version {SCHEMA_VERSION + 1} is newer than this '
-                       'IoMFace'):
+        conn.execute("UPDATE meta SET value = %s WHERE key = 'schema_version'", (str(newer),))
+    with pytest.raises(UserError, match=f'schema version {newer} is newer than this IoMFace'):
         Gallery.open(gallery.db_path)
     with pytest.raises(UserError, match='keep the password out of the URL'):
         Gallery.open(f'postgresql://postgres:secret@127.0.0.1:{pg_server.port}/postgres')

@@ -16,18 +16,26 @@ measured in docs/protection.md.
 
 Storage (this part needs no TensorFlow): an SQLite file or a PostgreSQL database
 (`modules.deploy.store`, same tables and rules). Every change is one transaction, so concurrent
-writers queue and a killed process leaves either a whole enrolment or none. A `generation` counter
-in the meta table changes with every write; the in-memory code matrix used by `identify` is
-rebuilt only when it has moved, so a process sees what other processes committed on its next
-call. The application key file is `<db>.key` beside an SQLite file; for PostgreSQL it is
-`<dbname>.key` beside the configuration file unless `key_file` says otherwise: never in the
-database.
+writers queue and a killed process leaves either a whole enrolment or none; enrolments,
+revocations and re-keys write the change log in that same transaction (`modules.deploy.changelog`).
+`identify` searches this process's code index (`modules.deploy.index`), loaded once and then
+brought up to date from the change log on every call, so a process sees what other processes
+committed on its next call. The application key file is `<db>.key` beside an SQLite file; for
+PostgreSQL it is `<dbname>.key` beside the configuration file unless `key_file` says otherwise:
+never in the database.
 """
 import os
 import time
 
 import numpy as np
 
+from modules.deploy.changelog import (
+    LiveIndex,
+    last_template_id,
+    log_enrolments,
+    log_rekey,
+    log_revocations,
+)
 from modules.deploy.keys import (
     PENDING_SUFFIX,
     SUBJECT_KEY_ID,
@@ -38,7 +46,7 @@ from modules.deploy.keys import (
     write_key,
 )
 from modules.deploy.migrations import upgrade
-from modules.deploy.search import pack_codes, search
+from modules.deploy.search import pack_codes
 from modules.deploy.store import SCHEMA_VERSION, check_schema_version, open_store
 from modules.utils import UserError
 
@@ -100,7 +108,7 @@ class Gallery:
         self.key_file = key_file
         self.m = int(meta['m'])
         self.q = int(meta['q'])
-        self._cache = None
+        self._live = None  # the code index, made by the first identify
 
     # -- opening ------------------------------------------------------------------------------
     @staticmethod
@@ -168,7 +176,7 @@ class Gallery:
                 raise UserError(f"{db_path}: unknown gallery format {meta.get('format')!r} "
                                 f'(expected {FORMAT})')
             check_schema_version(db_path, meta)
-            upgrade(store, meta)
+            meta = upgrade(store, meta)  # an older gallery gets the newer tables, in place
             # Galleries made before key modes existed have no key_mode row: application keys.
             meta.setdefault('key_mode', 'application')
             kpath = key_file or store.default_key_file(meta.get('cfg_path', '.'))
@@ -323,8 +331,10 @@ class Gallery:
                 raise SubjectKeyMismatch(f'{name!r} is enrolled under another key: give the key file '
                                 'issued at the first enrolment, or revoke and enrol again for a '
                                 'new key')
+            first = last_template_id(conn)
             conn.executemany('INSERT INTO templates (name, codes, key_id, model_fp, source, '
                              'created) VALUES (?, ?, ?, ?, ?, ?)', rows)
+            log_enrolments(conn, first)
             conn.execute(_INSERT_AUDIT, (now, 'enroll', name, f'{len(rows)} template(s) from '
                           + ', '.join(sorted(set(sources)))[:500]))
         return len(rows)
@@ -342,8 +352,10 @@ class Gallery:
         rows = self._rows(names, codes, [source] * len(names), now)
         with self._write() as conn:
             self._check_key_inside(conn, self.meta['key_id'])
+            first = last_template_id(conn)
             # COPY on PostgreSQL: row-by-row inserts would be the bottleneck of a large import.
             self.store.copy_rows(conn, 'templates', _TEMPLATE_COLUMNS, rows)
+            log_enrolments(conn, first)
             self.store.copy_rows(conn, 'audit', _AUDIT_COLUMNS,
                                  ((now, 'enroll', name, f'1 template from {source}')
                                   for name in names))
@@ -353,6 +365,7 @@ class Gallery:
         """Delete every template of a subject, and its failed attempts; UserError for an unknown
         name."""
         with self._write() as conn:
+            log_revocations(conn, name)
             deleted = conn.execute('DELETE FROM templates WHERE name = ?', (name,)).rowcount
             if not deleted:
                 raise NotEnrolled(f'{name!r} is not enrolled in {self.db_path}')
@@ -372,6 +385,7 @@ class Gallery:
             # The key id inside the transaction: another process may have re-keyed since.
             old_id = conn.execute("SELECT value FROM meta WHERE key = 'key_id'").fetchone()[0]
             deleted = conn.execute('DELETE FROM templates').rowcount
+            log_rekey(conn)
             conn.execute("UPDATE meta SET value = ? WHERE key = 'key_id'", (new_id,))
             conn.execute(_INSERT_AUDIT, (time.time(), 'rekey', None,
                           f'key {old_id} -> {new_id}, {deleted} template(s) deleted'))
@@ -410,17 +424,17 @@ class Gallery:
                             '(damaged database)')
         return np.frombuffer(blob, np.uint8).reshape(-1, self.m)
 
-    def code_matrix(self):
-        """(template ids, uint8 codes (N, m)) of the whole gallery, cached until the DB changes."""
-        generation = self.refresh()
-        if self._cache is None or self._cache[0] != generation:
-            # One snapshot: ids and codes are from the same generation.
-            (gen_row,), rows = self.store.snapshot(
-                "SELECT value FROM meta WHERE key = 'generation'",
-                'SELECT id, codes FROM templates ORDER BY id')
-            ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
-            self._cache = (gen_row[0], ids, self._decode(b''.join(r[1] for r in rows)))
-        return self._cache[1], self._cache[2]
+    def sync_index(self):
+        """This process's code index, brought up to date: loaded by the first call, then only the
+        change-log rows committed since the last call are applied."""
+        if self._live is None:
+            self._live = LiveIndex(self.store, self.m, self.q)
+        self._live.sync()
+        return self._live.index
+
+    def indexed(self):
+        """Templates in the code index as of its last update (0 before the first identify)."""
+        return 0 if self._live is None or self._live.index is None else len(self._live.index)
 
     def verify(self, name, code):
         """Smallest Hamming distance between `code` and the subject's templates."""
@@ -430,16 +444,16 @@ class Gallery:
     def identify(self, code, top_k=5, _retry=True):
         """[(name, distance, template id)] of the top_k closest templates, best first."""
         self.check_can_identify()
-        ids, codes = self.code_matrix()
-        if not len(ids):
+        index = self.sync_index()
+        if not len(index):
             raise NotEnrolled(f'{self.db_path}: no one is enrolled')
         probe = pack_codes(np.atleast_2d(code), self.q, 'probe code')
-        index, score = search(codes, probe, min(int(top_k), len(ids)))
-        found = ids[index[0]].tolist()
+        found, score = index.search(probe, min(int(top_k), len(index)))
+        found = found[0].tolist()
         marks = ','.join('?' * len(found))
         names = dict(self._read(f'SELECT id, name FROM templates WHERE id IN ({marks})', found))
         if len(names) < len(found) and _retry:
-            # Revoked since the matrix was read (another process): search the new gallery once.
+            # Revoked since the index was updated (another process): search once more.
             return self.identify(code, top_k, _retry=False)
         # Never a template revoked before this call: left out if it goes in the meantime.
         return [(names[t], self.m - int(s), t) for t, s in zip(found, score[0]) if t in names]

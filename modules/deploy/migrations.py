@@ -32,7 +32,14 @@ def _upgrade_to_2(store, conn):
         conn.execute(f'ALTER TABLE audit ADD CONSTRAINT audit_event_check {AUDIT_CHECK}')
 
 
-STEPS = {2: _upgrade_to_2}
+def _upgrade_to_3(store, conn):
+    """Version 3: the change log (`modules.deploy.changelog`; on PostgreSQL with its NOTIFY
+    trigger). Templates already stored need no log rows: a new index loads them all."""
+    for statement in store.CHANGES_DDL:
+        conn.execute(statement)
+
+
+STEPS = {2: _upgrade_to_2, 3: _upgrade_to_3}
 
 
 def _version(value):

@@ -21,6 +21,9 @@ temporaries also stay in cache). The number of planes is chosen per chunk from t
 present, so small q costs less and q up to 256 still works. With only one or two probes the
 slicing does not pay for itself, and chunks are compared byte-wise instead.
 
+A gallery kept in memory (`modules.deploy.index.CodeIndex`) stores its planes in this layout
+(`code_planes`) once and hands them to `Scanner.compare` directly: no slicing per call.
+
 The running top-k keeps one int64 key per candidate, mismatches * N + index: ordering keys is
 ordering by (score descending, index ascending), and keys are unique, so np.partition followed by
 a sort gives exactly the order a stable sort on (-score, index) would.
@@ -74,24 +77,33 @@ def _as_uint8(codes, name):
     return pack_codes(arr, name=name)
 
 
-def _bit_planes(codes, num_planes, words, scratch=None):
-    """Slice uint8 codes (n, m) into packed bit planes of shape (n, num_planes, words) uint64."""
+def plane_count(q):
+    """Bit planes needed for indices in [0, q): 3 for q = 8 (at least 1)."""
+    return max(1, (int(q) - 1).bit_length())
+
+
+def code_planes(codes, num_planes, out=None, scratch=None):
+    """uint8 codes (n, m) as bit planes (num_planes, words, n) uint64, the layout `Scanner.compare`
+    scans: plane b, word w holds bit b of indices 64w..64w+63 of every code, codes contiguous.
+    Written into `out` (a (num_planes, words, n) view) when given."""
     n, m = codes.shape
-    if scratch is None or scratch.shape[0] < n:
+    words = -(-m // _WORD_BITS)
+    if out is None:
+        out = np.empty((num_planes, words, n), np.uint64)
+    if scratch is None or scratch.shape[0] < n or scratch.shape[1] != words * _WORD_BITS:
         scratch = np.zeros((n, words * _WORD_BITS), np.uint8)
     # Padding columns stay zero on both sides, so they never count as a mismatch.
     buf = scratch[:n]
-    out = np.empty((n, num_planes, words), np.uint64)
     for b in range(num_planes):
         np.bitwise_and(codes, np.uint8(1 << b), out=buf[:, :m])
-        out[:, b, :] = np.packbits(buf, axis=1, bitorder='little').view(np.uint64)
+        out[b] = np.packbits(buf, axis=1, bitorder='little').view(np.uint64).T
     return out
 
 
-class _Scanner:
+class Scanner:
     """Compute mismatch counts of all probes against gallery chunks, reusing scratch buffers."""
 
-    def __init__(self, probes, chunk_size):
+    def __init__(self, probes, chunk_size, planes_only=False):
         self.probes = probes
         self.m = probes.shape[1]
         self.num_probes = probes.shape[0]
@@ -99,15 +111,16 @@ class _Scanner:
         # compare the bytes directly (sums of 0/1 bytes in uint64 lanes need m % 8 == 0 and at
         # most 255 per byte lane, i.e. m <= 2040).
         self.direct = self.num_probes <= _DIRECT_MAX_PROBES and self.m % 8 == 0 \
-            and self.m <= 8 * 255
+            and self.m <= 8 * 255 and not planes_only
         if self.direct:
             self.equal = np.empty((self.num_probes, chunk_size, self.m), np.bool_)
             self.lanes = np.empty((self.num_probes, chunk_size), np.uint64)
             return
         self.words = -(-self.m // _WORD_BITS)
         self.probe_bits = int(probes.max()).bit_length() if probes.size else 0
-        # All 8 planes for the probes (tiny); each chunk uses only the planes it needs.
-        self.probe_planes = _bit_planes(probes, 8, self.words)
+        # All 8 planes for the probes (tiny), as (probes, planes, words); each chunk uses only
+        # the planes it needs.
+        self.probe_planes = np.ascontiguousarray(code_planes(probes, 8).transpose(2, 0, 1))
         self.block = int(np.clip(_PAIRS_PER_BLOCK // chunk_size, 1, max(1, self.num_probes)))
         self.scratch = np.zeros((chunk_size, self.words * _WORD_BITS), np.uint8)
         self.acc = np.empty((self.block, self.words, chunk_size), np.uint64)
@@ -120,11 +133,19 @@ class _Scanner:
         """Return (num_probes, len(chunk)) uint16 counts of differing indices."""
         if self.direct:
             return self._direct(chunk)
-        c = chunk.shape[0]
         planes_needed = max(1, self.probe_bits, int(chunk.max()).bit_length())
-        gal = _bit_planes(chunk, planes_needed, self.words, self.scratch)
-        gal = np.ascontiguousarray(gal.transpose(1, 2, 0))  # (planes, words, c)
-        out = np.empty((self.num_probes, c), np.uint16)
+        return self.compare(code_planes(chunk, planes_needed, scratch=self.scratch))
+
+    def compare(self, gal, out=None):
+        """Mismatch counts (num_probes, c) uint16 against gallery planes (planes, words, c) that
+        hold every bit set in the probes (a plane missing from `gal` must be zero in them);
+        written into `out` when given."""
+        planes_needed, _, c = gal.shape
+        if planes_needed < self.probe_bits:
+            raise ValueError(f'probes need {self.probe_bits} bit planes, the gallery has '
+                             f'{planes_needed}')
+        if out is None:
+            out = np.empty((self.num_probes, c), np.uint16)
         w = self.words
         for p0 in range(0, self.num_probes, self.block):
             pp = self.probe_planes[p0:p0 + self.block]
@@ -161,7 +182,7 @@ class _Scanner:
         return (self.m - matches).astype(np.uint16)
 
 
-def _merge_topk(best, mism, start, n_total, k):
+def merge_topk(best, mism, start, n_total, k):
     """Fold one chunk's mismatch counts into the running best keys (in place)."""
     # A key mismatch * N + index orders by (score desc, index asc) and is unique per gallery code.
     # Chunks arrive in increasing index order, so a candidate only enters the top-k if its
@@ -213,12 +234,12 @@ def search(gallery_codes, probe_codes, k, chunk_size=DEFAULT_CHUNK_SIZE):
     if num_probes == 0:
         return np.empty((0, k), np.int64), np.empty((0, k), np.int64)
 
-    scanner = _Scanner(probes, chunk_size)
+    scanner = Scanner(probes, chunk_size)
     # Sentinel keys: mismatch m + 1 is worse than any real code, so every real code beats them.
     best = np.full((num_probes, k), (m + 1) * n, np.int64)
     for start in range(0, n, chunk_size):
         mism = scanner.mismatches(gallery[start:start + chunk_size])
-        _merge_topk(best, mism, start, n, k)
+        merge_topk(best, mism, start, n, k)
     best.sort(axis=1)
     indices = best % n
     scores = m - best // n

@@ -21,12 +21,15 @@ import re
 import secrets
 import sqlite3
 
+from modules.deploy.changelog import PG_CHANGES, SQLITE_CHANGES
 from modules.utils import UserError
 
-SCHEMA_VERSION = 2  # 2: attempt counters and their audit events (modules.deploy.migrations)
-TABLES = ('meta', 'templates', 'audit', 'tokens', 'attempts')
+# 2: attempt counters and their audit events; 3: the change log (modules.deploy.migrations).
+SCHEMA_VERSION = 3
+TABLES = ('meta', 'templates', 'audit', 'tokens', 'attempts', 'changes')
 _BUSY_TIMEOUT_S = 120.0
 _CONNECT_TIMEOUT_S = 5
+_SCAN_ROWS = 16384
 _PG_PREFIXES = ('postgresql://', 'postgres://')
 AUDIT_EVENTS = ('init', 'enroll', 'revoke', 'rekey', 'failure', 'lockout', 'unlock')
 AUDIT_CHECK = f"CHECK (event IN ({', '.join(repr(e) for e in AUDIT_EVENTS)}))"
@@ -123,7 +126,8 @@ def open_store(db):
 
 
 def check_schema_version(where, meta):
-    """UserError for a gallery written by a newer IoMFace (rows this code would misread)."""
+    """UserError for a gallery written by a newer IoMFace (rows this code would misread); the
+    gallery's schema version."""
     try:
         version = int(meta.get('schema_version', '1'))
     except ValueError:
@@ -132,6 +136,8 @@ def check_schema_version(where, meta):
     if version > SCHEMA_VERSION:
         raise UserError(f'{where}: gallery schema version {version} is newer than this IoMFace '
                         f'reads (up to {SCHEMA_VERSION}); upgrade IoMFace')
+    return version
+
 
 
 class SQLiteStore:
@@ -140,6 +146,7 @@ class SQLiteStore:
     # Appended to a SELECT inside a write transaction to lock the rows read: nothing here, as
     # BEGIN IMMEDIATE already holds the file's write lock.
     row_lock = ''
+    CHANGES_DDL = SQLITE_CHANGES
 
     def __init__(self, path):
         self.where = path
@@ -175,6 +182,8 @@ class SQLiteStore:
                 conn.executescript(_SQLITE_SCHEMA)
                 conn.execute(SQLITE_AUDIT.format(table='audit'))
                 conn.execute(attempts_table('REAL'))
+                for statement in SQLITE_CHANGES:
+                    conn.execute(statement)
                 conn.executemany('INSERT INTO meta VALUES (?, ?)', meta_rows)
                 conn.execute('INSERT INTO audit (time, event, name, detail) VALUES (?, ?, ?, ?)',
                              audit_row)
@@ -246,12 +255,17 @@ class SQLiteStore:
         with self.errors():
             return self.conn.execute(sql, args).fetchall()
 
-    def snapshot(self, *queries):
-        """The rows of several queries, all from one consistent snapshot."""
+    def scan(self, first, stream, consume, args=(), size=_SCAN_ROWS):
+        """The rows of query `first` (None: none), and those of `stream` handed to
+        consume(rows) `size` at a time, all from one snapshot."""
         with self.errors():
             self.conn.execute('BEGIN')
             try:
-                return [self.conn.execute(sql).fetchall() for sql in queries]
+                head = self.conn.execute(first).fetchall() if first else []
+                cursor = self.conn.execute(stream, args)
+                while rows := cursor.fetchmany(size):
+                    consume(rows)
+                return head
             finally:
                 self.conn.execute('COMMIT')
 
@@ -291,6 +305,7 @@ class PostgresStore:
     """A gallery in a PostgreSQL database (libpq connection string; no password in it)."""
 
     row_lock = ' FOR UPDATE'  # see SQLiteStore.row_lock
+    CHANGES_DDL = PG_CHANGES
 
     def __init__(self, url):
         from psycopg.conninfo import conninfo_to_dict
@@ -360,7 +375,7 @@ class PostgresStore:
         transactional: the gallery exists whole or not at all); `before_commit()` writes the key."""
         conn = self._connection()
         with self.errors(), conn.transaction():
-            for statement in _PG_SCHEMA:
+            for statement in _PG_SCHEMA + PG_CHANGES:
                 conn.execute(statement)
             tx = _PgTx(conn)
             tx.executemany('INSERT INTO meta VALUES (?, ?)', meta_rows)
@@ -432,17 +447,19 @@ class PostgresStore:
         """All rows of one query."""
         return self._retried(lambda conn: conn.execute(_pg_sql(sql), args).fetchall())
 
-    def snapshot(self, *queries):
-        """The rows of several queries, all from one consistent snapshot (REPEATABLE READ)."""
-        def run(conn):
-            with conn.transaction():
-                conn.execute('SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY')
-                out = []
-                for sql in queries:
-                    with conn.cursor(binary=True) as cur:
-                        out.append(cur.execute(_pg_sql(sql)).fetchall())
-                return out
-        return self._retried(run)
+    def scan(self, first, stream, consume, args=(), size=_SCAN_ROWS):
+        """The rows of query `first` (None: none), and those of `stream` handed to
+        consume(rows) `size` at a time (a server-side cursor), all from one snapshot. Not
+        repeated on a lost connection: consume() may have taken rows already."""
+        conn = self._connection(check=True)
+        with self.errors(), conn.transaction():
+            conn.execute('SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY')
+            head = conn.execute(_pg_sql(first)).fetchall() if first else []
+            with conn.cursor(name='iomface_scan', binary=True) as cursor:
+                cursor.execute(_pg_sql(stream), args)
+                while rows := cursor.fetchmany(size):
+                    consume(rows)
+            return head
 
     def checkpoint(self):
         """Nothing to fold: the server manages its own files."""

@@ -12,7 +12,9 @@ belongs to one thread), except the token lookup, which reads on the event loop's
 writes from other processes (gallery.py, `serve.py token`, other serve.py instances on the same
 PostgreSQL gallery) are seen on the next request: each request first catches up with the
 gallery's generation, and a rekey made elsewhere swaps this instance's model to the new key
-(read from the key file). A database that cannot be reached gives 503 until it is back.
+(read from the key file). `identify` searches the instance's code index, loaded at start-up and
+brought up to date from the gallery's change log before every search (on PostgreSQL also as soon
+as a change commits: LISTEN/NOTIFY). A database that cannot be reached gives 503 until it is back.
 
 What never leaves the process: the application key, tokens (only their SHA-256 is stored and a
 presented token is only hashed), embeddings. Error bodies are one line, `{"detail": ...}`.
@@ -37,9 +39,11 @@ def create_app(gallery, hasher, cfg, settings):
     async def lifespan(app):
         service.auth_gallery = service.gallery.reopen()  # on the event loop's thread
         service.batcher.start()
+        service.start_index()
         try:
             yield
         finally:
+            service.stop_index()
             await service.batcher.stop()
             await service.db(service.gallery.close)
             service.db_thread.shutdown(wait=True)

@@ -70,7 +70,7 @@ async def identify(image: UploadFile = IMAGE,
                  for n, d, _ in gallery.identify(code, top_k)]
         service.settle('token', caller.token_id, any(m for *_, m in found), 'identify by token '
                        + caller.token_id)
-        return found, gallery.count() if settings.expose_scores else None
+        return found, gallery.indexed() if settings.expose_scores else None
     found, templates = await service.fresh(search)
     if not settings.expose_scores:
         return with_crop({'candidates': [{'name': n} for n, _, m in found if m]}, crop)

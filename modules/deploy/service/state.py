@@ -6,6 +6,7 @@ import concurrent.futures
 import dataclasses
 import io
 import os
+import threading
 
 import numpy as np
 from fastapi import HTTPException
@@ -13,9 +14,11 @@ from fastapi import HTTPException
 from modules.align import face_crop, read_photo
 from modules.deploy import attempts
 from modules.deploy.attempts import Limits
+from modules.deploy.changelog import ChangeWatcher
 from modules.deploy.hashing import Hasher
 from modules.deploy.service.batcher import Batcher
 from modules.deploy.service.bucket import BURST, RATE, TokenBucket
+from modules.deploy.store import is_postgres
 from modules.utils import UserError
 
 _SOURCE_CHARS = 100
@@ -67,6 +70,8 @@ class Service:
         self.auth_gallery = None  # opened by the app's lifespan, on the event loop's thread
         self.batcher = Batcher(self._hash_faces, settings.max_batch, settings.batch_wait_s)
         self.bucket = TokenBucket(settings.rate, settings.burst) if settings.rate else None
+        self.watcher = None
+        self._sync_queued = threading.Lock()  # held while a change-log catch-up is queued
 
     def _limits(self, scope):
         return (self.settings.subject_limits if scope == 'subject' else
@@ -84,6 +89,39 @@ class Service:
         limits = self._limits(scope)
         if limits.on:
             attempts.settle(self.gallery, scope, name, matched, limits, what)
+
+    def start_index(self):
+        """Load the code index before the first request (application keys) and, on PostgreSQL,
+        follow the gallery's changes as they commit (LISTEN/NOTIFY) rather than only when a
+        request comes; the per-request catch-up of `Gallery.identify` stays as the guarantee."""
+        if self.gallery.subject_keys:
+            return
+        try:
+            self.db_thread.submit(self.gallery.sync_index).result()
+        except UserError:
+            pass  # e.g. the database is down: the first identify loads it, or answers 503
+        if is_postgres(self.gallery.db_path):
+            self.watcher = ChangeWatcher(self.gallery.db_path, self._sync_soon).start()
+
+    def stop_index(self):
+        """Stop following the gallery's changes."""
+        if self.watcher is not None:
+            self.watcher.stop()
+
+    def _sync_soon(self):
+        # From the watcher's thread: one catch-up queued on the database thread at a time.
+        if self._sync_queued.acquire(blocking=False):
+            try:
+                self.db_thread.submit(self._sync_now)
+            except RuntimeError:  # shutting down
+                self._sync_queued.release()
+
+    def _sync_now(self):
+        self._sync_queued.release()
+        try:
+            self.gallery.sync_index()
+        except UserError:
+            pass  # the database is down or being re-keyed: the next request reports it
 
     def _hash_faces(self, faces, subject_keys):
         # Runs on the model thread, as does a rekey's model swap: the key id names the key used.
