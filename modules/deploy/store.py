@@ -59,7 +59,7 @@ CREATE TABLE {{table}} (
 def attempts_table(real):
     """CREATE TABLE of the attempt counters (modules.deploy.attempts), `real` the float type:
     consecutive failures and the end of the lockout (UNIX s) per subject or per token id."""
-    return f"""CREATE TABLE attempts (
+    return f"""CREATE TABLE IF NOT EXISTS attempts (
         scope TEXT NOT NULL CHECK (scope IN ('subject', 'token')),
         name TEXT NOT NULL,
         failures INTEGER NOT NULL,
