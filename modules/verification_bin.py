@@ -20,6 +20,7 @@ import os
 import pickle
 import re
 import time
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
@@ -339,6 +340,10 @@ def make_verification_bin(protocol, output_dir, images=None, pairs_path=None, ro
                 if kind in ('padded', 'fallback'):
                     rows.append((path, kind))
                 bar.update()
+    except BrokenProcessPool:
+        raise UserError(f'{protocol}: a worker process died (killed, or out of memory) after '
+                        f'{sum(how.values())} of {len(args)} photos; nothing written: run the '
+                        'same command again (--workers 1 runs without worker processes)') from None
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
