@@ -20,6 +20,7 @@ import os
 import pickle
 import re
 import time
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
@@ -29,8 +30,8 @@ PROTOCOLS = ('lfw', 'cfp_fp', 'cfp_ff')
 # Expected face box (centre x, centre y, width, height as fractions of the photo) for the fallback.
 # LFW: its photos are the Viola-Jones box enlarged 2.2 times and scaled to 250x250, so the face
 # box is the central 1/2.2 of each side (LFW's own description; no LFW copy was at hand to measure
-# MTCNN's box). CFP: the median MTCNN box of 300 CFP photos (frontal 0.715 x 0.862 at (0.498,
-# 0.450), profile 0.717 x 0.851 at (0.513, 0.450)): its photos are loose face crops.
+# MTCNN's box). CFP: the median MTCNN box on its photos (249 frontal: 0.715 x 0.862 at (0.498,
+# 0.450); 90 profile: 0.717 x 0.851 at (0.513, 0.450)): its photos are loose face crops.
 EXPECTED_BOX = {'lfw': (0.5, 0.5, 1 / 2.2, 1 / 2.2), 'cfp': (0.5, 0.45, 0.715, 0.86)}
 HOW = ('landmarks', 'detected', 'padded', 'fallback')
 
@@ -339,6 +340,10 @@ def make_verification_bin(protocol, output_dir, images=None, pairs_path=None, ro
                 if kind in ('padded', 'fallback'):
                     rows.append((path, kind))
                 bar.update()
+    except BrokenProcessPool:
+        raise UserError(f'{protocol}: a worker process died (killed, or out of memory) after '
+                        f'{sum(how.values())} of {len(args)} photos; nothing written: run the '
+                        'same command again (--workers 1 runs without worker processes)') from None
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)

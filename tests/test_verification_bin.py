@@ -100,6 +100,28 @@ def test_fail_stops_at_the_photo_without_a_face(lfw, tmp_path):
     assert not (tmp_path / 'out').exists() or os.listdir(tmp_path / 'out') == []
 
 
+def test_a_dead_worker_is_one_error_and_nothing_written(lfw, tmp_path, monkeypatch):
+    from concurrent.futures.process import BrokenProcessPool
+
+    import modules.align
+
+    class DeadPool:
+        def map(self, fn, args, chunksize=1):
+            yield fn(next(iter(args)))
+            raise BrokenProcessPool('a worker was killed')
+
+        def shutdown(self, cancel_futures=False):
+            pass
+
+    monkeypatch.setattr(modules.align, 'process_pool', lambda workers: DeadPool())
+    base, _ = lfw
+    with pytest.raises(UserError, match=r'lfw: a worker process died .* after 1 of 5 photos; '
+                       'nothing written'):
+        make_verification_bin('lfw', str(tmp_path / 'out'), images=str(base / 'lfw'),
+                              pairs_path=str(base / 'pairs.txt'), workers=2, progress=False)
+    assert not (tmp_path / 'out').exists()
+
+
 # CFP layout: 3 identities, frontal 01-02 and profile 01 each; FP and FF with 10 folds of 1 + 1.
 def make_cfp(base):
     """A tiny CFP tree with Pair_list_F/P.txt, Split/FP|FF and a five-point landmarks file."""
