@@ -200,7 +200,7 @@ def make_data(work):
     """A synthetic identity-folder set and its binary TFRecord in `work`."""
     import importlib.util
 
-    from modules.dataset import write_tfrecord
+    from modules.tfrecords import write_tfrecord
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     spec = importlib.util.spec_from_file_location(
         'gen', os.path.join(root, 'data', 'make_synthetic_faces.py'))

@@ -22,7 +22,7 @@ FLAGS = flags.FLAGS
 def main(_):
     """Write the binary TFRecord and print the identity and image counts for the config."""
     quiet_tensorflow()
-    from modules.dataset import write_tfrecord
+    from modules.tfrecords import write_tfrecord
     write_tfrecord(FLAGS.dataset_path, FLAGS.output_path, binary=True, seed=FLAGS.seed)
 
 

@@ -23,7 +23,7 @@ FLAGS = flags.FLAGS
 def main(_):
     """Write the path TFRecord and print the identity and image counts for the config."""
     quiet_tensorflow()
-    from modules.dataset import write_tfrecord
+    from modules.tfrecords import write_tfrecord
     write_tfrecord(FLAGS.dataset_path, FLAGS.output_path, binary=False, seed=FLAGS.seed)
 
 

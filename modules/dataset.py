@@ -15,13 +15,13 @@ import os
 import re
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
 
 from modules.folders import normalise_exts, scan_identity_folders
-from modules.utils import UserError, atomic_path
+from modules.pk_sampling import pk_index_batches, pk_require, report_pk_sampling
+from modules.utils import UserError
 
 IMAGE_SIZE = 112
 _AUG_RESIZE = 128  # augmentations resize to 128x128 and crop 112x112 back out of it
@@ -31,9 +31,6 @@ _SATURATION = (0.6, 1.4)
 # images would black out or wash out many faces.
 _BRIGHTNESS_DELTA = 0.4 / 255
 _DEFAULT_EXTS = ('.jpg', '.jpeg', '.png', '.bmp')
-# Formats both OpenCV (used to vet images) and tf.io.decode_image (used in training) understand.
-_MAGIC = (b'\xff\xd8', b'\x89PNG', b'BM')
-_CHUNK = 512
 _DECODE_CHUNK = 16  # images per guarded decode call (see _guarded_each)
 
 
@@ -95,91 +92,7 @@ def list_identity_folders(root, img_ext=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# TFRecord conversion
-def check_image_file(path):
-    """Read an image file; return (bytes, None) if it decodes, else (None, reason)."""
-    import cv2
-
-    try:
-        with open(path, 'rb') as fh:
-            data = fh.read()
-    except OSError as err:
-        return None, f'unreadable ({err.strerror})'
-    if not data.startswith(_MAGIC):
-        return None, 'not a JPEG, PNG or BMP image'
-    # A reduced-size decode walks the whole compressed stream (truncation is caught) at a
-    # fraction of the cost of a full decode.
-    if cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_GRAYSCALE_4) is None:
-        return None, 'cannot be decoded (corrupt or truncated)'
-    return data, None
-
-
-def _example(label, binary, data=None, rel_path=b'', abs_path=b''):
-    import tensorflow as tf
-
-    def as_bytes(value):
-        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
-
-    feature = {'image/source_id': tf.train.Feature(int64_list=tf.train.Int64List(value=[label]))}
-    if binary:
-        feature['image/filename'] = as_bytes(rel_path)
-        feature['image/encoded'] = as_bytes(data)
-    else:
-        feature['image/img_path'] = as_bytes(abs_path)
-    example = tf.train.Example(features=tf.train.Features(feature=feature))
-    return example.SerializeToString()
-
-
-def write_tfrecord(root, output_path, binary, seed=0, img_ext=None, num_threads=8):
-    """Convert identity folders to a stage-1 TFRecord; return counts of identities/images/skipped.
-
-    binary=True: records hold `image/source_id` (label), `image/filename` ('<identity>/<file>') and
-    `image/encoded` (the file's bytes as stored). binary=False: `image/source_id` and
-    `image/img_path` (absolute path, read at training time). Records are written in a seeded random
-    order so that a shuffle buffer mixes identities. Images that cannot be read or decoded are
-    reported and skipped. The file appears only when the conversion completes.
-    """
-    import tensorflow as tf
-    from tqdm import tqdm
-
-    folders = list_identity_folders(root, img_ext)
-    print(f'{folders.num_identities} identities, {folders.num_images} images under {folders.root}')
-    order = np.random.default_rng(seed).permutation(folders.num_images)
-    skipped = []
-    written = 0
-    with atomic_path(output_path) as tmp:
-        with tf.io.TFRecordWriter(tmp) as writer, \
-                ThreadPoolExecutor(max(1, num_threads)) as pool, \
-                tqdm(total=folders.num_images, unit='img', desc='convert') as bar:
-            for start in range(0, len(order), _CHUNK):
-                idx = order[start:start + _CHUNK]
-                paths = [folders.path(i) for i in idx]
-                # OpenCV releases the GIL while decoding, so threads check images in parallel.
-                for i, path, (data, reason) in zip(idx, paths, pool.map(check_image_file, paths)):
-                    if data is None:
-                        skipped.append(path)
-                        tqdm.write(f'skipped {path}: {reason}', file=sys.stderr)
-                        continue
-                    if binary:
-                        record = _example(int(folders.labels[i]), True, data=data,
-                                          rel_path=bytes(folders.rel_paths[i]))
-                    else:
-                        record = _example(int(folders.labels[i]), False,
-                                          abs_path=os.fsencode(path))
-                    writer.write(record)
-                    written += 1
-                bar.update(len(idx))
-        if written == 0:
-            raise UserError(f'{folders.root}: none of the {folders.num_images} images could be '
-                            'decoded; nothing written')
-    print(f'skipped {len(skipped)} unreadable image(s)')
-    print(f'wrote {written} records ({"binary" if binary else "image paths"}) to {output_path}')
-    print(f'config: num_classes: {folders.num_identities}, num_samples: {written}, '
-          f'binary_img: {bool(binary)}')
-    return {'identities': folders.num_identities, 'images': written, 'skipped': len(skipped),
-            'skipped_paths': skipped}
-
-
+# TFRecord reading
 def count_tfrecord(tfrecord_path):
     """Number of records in a TFRecord file."""
     import tensorflow as tf
@@ -544,78 +457,7 @@ def load_tfrecord_dataset(tfrecord_path, batch_size, binary_img=True, is_ccrop=F
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage 2: PK sampling (P identities x K images per batch)
-def _pk_groups(labels):
-    """Identity ids, image index of each id's first entry in label order, counts, inverse map."""
-    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
-    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    return inverse.ravel(), starts, counts
-
-
-def pk_summary(labels, samples_per_class):
-    """PK sampling counts: identities, images, eligible, single-image and undersized identities."""
-    _, _, counts = _pk_groups(np.asarray(labels).ravel())
-    return {'identities': int(len(counts)), 'images': int(counts.sum()),
-            'eligible': int((counts >= 2).sum()), 'excluded_single': int((counts == 1).sum()),
-            'undersized': int(((counts >= 2) & (counts < samples_per_class)).sum())}
-
-
-def report_pk_sampling(folders, classes_per_batch, samples_per_class):
-    """Print how PK sampling treats an identity-folder set (exclusions, repeats); return pk_summary."""
-    p, k = int(classes_per_batch), int(samples_per_class)
-    summary = pk_summary(folders.labels, k)
-    print(f"PK sampling on {folders.root}: {summary['identities']} identities, "
-          f"{summary['images']} images; {summary['excluded_single']} single-image identities "
-          f"excluded; {summary['undersized']} identities with fewer than {k} images repeat "
-          f"images; {p}x{k} per batch, {summary['eligible'] // p} batches per epoch")
-    return summary
-
-
-def pk_steps_per_epoch(labels, classes_per_batch):
-    """Number of PK batches in one epoch: eligible identities // classes_per_batch."""
-    _, _, counts = _pk_groups(np.asarray(labels).ravel())
-    return int((counts >= 2).sum()) // classes_per_batch
-
-
-def _pk_require(num_eligible, p, k, seed=0, epoch=0):
-    """Raise a UserError when PK batches cannot be formed."""
-    if p < 1 or k < 1:
-        raise UserError(f'classes_per_batch and samples_per_class must be positive, got {p}, {k}')
-    if seed < 0 or epoch < 0:
-        raise UserError(f'seed and epoch must not be negative, got {seed}, {epoch}')
-    if num_eligible < p:
-        raise UserError(f'PK sampling needs {p} identities (classes_per_batch) with at least 2 '
-                        f'images each, but only {num_eligible} exist')
-
-
-def pk_index_batches(labels, classes_per_batch, samples_per_class, seed=0, epoch=0):
-    """Iterator over one epoch of PK batches: int64 index arrays of length P*K (P ids x K images).
-
-    An epoch visits every eligible identity once, in an order drawn from (seed, epoch), so each
-    epoch differs and any epoch can be regenerated; the last incomplete group of fewer than P
-    identities is dropped. Batch layout is identity-major: entries [j*K:(j+1)*K] share an
-    identity. An identity with at least K images gives K distinct random images; one with 2..K-1
-    images gives all its images, repeated in random order to fill K. Identities with a single
-    image are excluded: they cannot form a positive pair (`pk_summary` counts them).
-    `labels` may be any integer ids (not necessarily contiguous); pure numpy, no TensorFlow.
-    Arguments are checked (UserError) when called, not when the iterator is first advanced.
-    """
-    labels = np.asarray(labels).ravel()
-    p, k = int(classes_per_batch), int(samples_per_class)
-    inverse, starts, counts = _pk_groups(labels)
-    eligible = np.flatnonzero(counts >= 2)
-    _pk_require(len(eligible), p, k, seed, epoch)
-    rng = np.random.default_rng([int(seed), int(epoch)])
-    num_batches = len(eligible) // p
-    chosen = rng.permutation(eligible)[:num_batches * p].reshape(num_batches, p)
-    # Group image indices by identity with a random order inside each identity.
-    perm = rng.permutation(len(labels))
-    grouped = perm[np.argsort(inverse[perm], kind='stable')]
-    offsets = np.arange(k) % counts[chosen][..., None]  # (batches, P, K): cycles when count < K
-    batches = grouped[starts[chosen][..., None] + offsets].reshape(num_batches, p * k)
-    return iter(batches.astype(np.int64))
-
-
+# Stage 2: PK batches of images (the index batches: modules.pk_sampling)
 def load_pk_dataset(root, classes_per_batch, samples_per_class, img_ext='jpg', is_ccrop=False,
                     augment=True, seed=0, start_epoch=0, bad_images=None):
     """Stage-2 PK pipeline over identity folders (`root`: a path, or an already listed
@@ -637,7 +479,7 @@ def load_pk_dataset(root, classes_per_batch, samples_per_class, img_ext='jpg', i
     folders = root if isinstance(root, IdentityFolders) else list_identity_folders(root, img_ext)
     p, k = int(classes_per_batch), int(samples_per_class)
     summary = report_pk_sampling(folders, p, k)
-    _pk_require(summary['eligible'], p, k, seed, start_epoch)
+    pk_require(summary['eligible'], p, k, seed, start_epoch)
     steps = summary['eligible'] // p
     rel_paths, labels = folders.rel_paths, folders.labels
 

@@ -29,7 +29,7 @@ def pg_server():
 
 @pytest.fixture(scope='module')
 def tfrecord(tmp_path_factory):
-    from modules.dataset import write_tfrecord
+    from modules.tfrecords import write_tfrecord
     base = tmp_path_factory.mktemp('stage1')
     make_tree(str(base / 'imgs'))
     path = str(base / 'train.tfrecord')

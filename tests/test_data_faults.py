@@ -18,7 +18,7 @@ NOISE = ('cuInit', 'cudart_stub', 'absl::InitializeLog', 'oneDNN', 'cpu_feature_
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
     """Identity folders, their binary and online TFRecords, and a cut-short copy of each."""
-    from modules.dataset import _example, write_tfrecord
+    from modules.tfrecords import _example, write_tfrecord
     from tests.helpers.runs import make_tree
     base = tmp_path_factory.mktemp('faults')
     make_tree(str(base / 'imgs'), NUM_IDS, PER_ID)
@@ -138,7 +138,8 @@ def _scalars(directory, tag):
 def test_missing_file_behind_online_record(data, tmp_path, monkeypatch):
     import shutil
 
-    from modules.dataset import BadImageError, write_tfrecord
+    from modules.dataset import BadImageError
+    from modules.tfrecords import write_tfrecord
     from modules.training import train_stage1
     monkeypatch.chdir(tmp_path)
     shutil.copytree(data / 'imgs', tmp_path / 'imgs')

@@ -10,6 +10,8 @@ import tensorflow as tf
 import yaml
 
 from modules import dataset as ds
+from modules import pk_sampling as pk
+from modules import tfrecords as tfr
 from modules.config import STAGE1_REQUIRED
 from modules.utils import UserError
 
@@ -60,7 +62,7 @@ def records(tree, tmp_path_factory):
     result = {}
     for binary in (True, False):
         path = str(out / f'train_{binary}.tfrecord')
-        result[binary] = (path, ds.write_tfrecord(str(tree), path, binary=binary, seed=3))
+        result[binary] = (path, tfr.write_tfrecord(str(tree), path, binary=binary, seed=3))
     return result
 
 
@@ -92,7 +94,7 @@ def test_missing_or_empty_dataset_is_a_user_error(tmp_path):
         ds.list_identity_folders(str(tmp_path / 'file.jpg'))
     out = tmp_path / 'out.tfrecord'
     with pytest.raises(UserError):
-        ds.write_tfrecord(str(tmp_path / 'nope'), str(out), binary=True)
+        tfr.write_tfrecord(str(tmp_path / 'nope'), str(out), binary=True)
     assert not out.exists()
 
 
@@ -101,7 +103,7 @@ def test_all_images_corrupt_writes_nothing(tmp_path):
     (tmp_path / 'ids' / 'x' / '0.jpg').write_bytes(b'\xff\xd8 garbage')
     out = tmp_path / 'out.tfrecord'
     with pytest.raises(UserError, match='could be decoded'):
-        ds.write_tfrecord(str(tmp_path / 'ids'), str(out), binary=True)
+        tfr.write_tfrecord(str(tmp_path / 'ids'), str(out), binary=True)
     assert os.listdir(tmp_path) == ['ids']  # neither the output nor a temp file
 
 
@@ -156,7 +158,7 @@ def test_interrupted_conversion_leaves_no_partial_file(tree, tmp_path, monkeypat
     out = tmp_path / 'train.tfrecord'
     out.write_bytes(b'previous good file')
     calls = []
-    original = ds.check_image_file
+    original = tfr.check_image_file
 
     def interrupted(path):
         calls.append(path)
@@ -164,9 +166,9 @@ def test_interrupted_conversion_leaves_no_partial_file(tree, tmp_path, monkeypat
             raise KeyboardInterrupt
         return original(path)
 
-    monkeypatch.setattr(ds, 'check_image_file', interrupted)
+    monkeypatch.setattr(tfr, 'check_image_file', interrupted)
     with pytest.raises(KeyboardInterrupt):
-        ds.write_tfrecord(str(tree), str(out), binary=True)
+        tfr.write_tfrecord(str(tree), str(out), binary=True)
     assert out.read_bytes() == b'previous good file'
     assert os.listdir(tmp_path) == ['train.tfrecord']
 
@@ -214,8 +216,8 @@ def _pk_labels():
 def test_pk_batches_have_p_identities_times_k_samples():
     labels, counts = _pk_labels()
     p, k = 2, 4
-    batches = list(ds.pk_index_batches(labels, p, k, seed=5, epoch=0))
-    assert len(batches) == 6 // p == ds.pk_steps_per_epoch(labels, p)  # 6 eligible identities
+    batches = list(pk.pk_index_batches(labels, p, k, seed=5, epoch=0))
+    assert len(batches) == 6 // p == pk.pk_steps_per_epoch(labels, p)  # 6 eligible identities
     seen = []
     for batch in batches:
         assert batch.shape == (p * k,) and batch.dtype == np.int64
@@ -230,21 +232,21 @@ def test_pk_batches_have_p_identities_times_k_samples():
             assert len(set(idx)) == min(n, k)
     assert sorted(seen) == [10, 11, 12, 13, 14, 15]  # one epoch covers every eligible identity
     assert not {16, 17} & set(seen)  # single-image identities are excluded
-    summary = ds.pk_summary(labels, k)
+    summary = pk.pk_summary(labels, k)
     assert summary == {'identities': 8, 'images': 26, 'eligible': 6, 'excluded_single': 2,
                        'undersized': 2}
 
 
 def test_pk_epochs_differ_and_are_reproducible():
     labels, _ = _pk_labels()
-    epoch0 = np.stack(list(ds.pk_index_batches(labels, 3, 2, seed=1, epoch=0)))
-    epoch1 = np.stack(list(ds.pk_index_batches(labels, 3, 2, seed=1, epoch=1)))
-    again = np.stack(list(ds.pk_index_batches(labels, 3, 2, seed=1, epoch=0)))
+    epoch0 = np.stack(list(pk.pk_index_batches(labels, 3, 2, seed=1, epoch=0)))
+    epoch1 = np.stack(list(pk.pk_index_batches(labels, 3, 2, seed=1, epoch=1)))
+    again = np.stack(list(pk.pk_index_batches(labels, 3, 2, seed=1, epoch=0)))
     np.testing.assert_array_equal(epoch0, again)
     assert not np.array_equal(epoch0, epoch1)
     # Over many epochs, a large identity contributes different images.
     picks = {tuple(sorted(b[labels[b] == 10]))
-             for e in range(20) for b in ds.pk_index_batches(labels, 3, 2, seed=1, epoch=e)
+             for e in range(20) for b in pk.pk_index_batches(labels, 3, 2, seed=1, epoch=e)
              if (labels[b] == 10).any()}
     assert len(picks) > 3
 
@@ -252,9 +254,9 @@ def test_pk_epochs_differ_and_are_reproducible():
 def test_pk_rejects_impossible_batches():
     labels, _ = _pk_labels()
     with pytest.raises(UserError, match='only 6 exist'):
-        ds.pk_index_batches(labels, 7, 2)
+        pk.pk_index_batches(labels, 7, 2)
     with pytest.raises(UserError, match='positive'):
-        ds.pk_index_batches(labels, 2, 0)
+        pk.pk_index_batches(labels, 2, 0)
 
 
 def test_load_pk_dataset_shapes_and_resizing(tmp_path, capsys):

@@ -260,7 +260,7 @@ def read_losses(logdir):
 
 @pytest.fixture(scope='module')
 def tfrecord(tmp_path_factory):
-    from modules.dataset import write_tfrecord
+    from modules.tfrecords import write_tfrecord
     base = tmp_path_factory.mktemp('pfc_stage1')
     make_tree(str(base / 'imgs'))
     write_tfrecord(str(base / 'imgs'), str(base / 'train.tfrecord'), binary=True)

@@ -38,7 +38,7 @@ def script(name, *args, cwd):
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
     """A synthetic set, its TFRecord, configs and a briefly trained stage-1 model."""
-    from modules.dataset import write_tfrecord
+    from modules.tfrecords import write_tfrecord
     work = tmp_path_factory.mktemp('pipeline')
     load_generator().generate(str(work / 'synthetic'), num_train_ids=60, images_per_id=8,
                               num_test_ids=20, num_pairs=100, num_retrieval_ids=6,
