@@ -48,6 +48,10 @@ GRID = [  # (label, overrides); the base config is remark '1', batch-hard arc, m
     ('no bias, remark 3, lr 0.1', dict(base_lr=0.1, hidden_layer_remark='3')),
     ('no bias, remark T1, lr 0.1', dict(base_lr=0.1, hidden_layer_remark='T1')),
     ('seed layer, remark T1, lr 0.1', dict(SEED_ARGS, base_lr=0.1, hidden_layer_remark='T1')),
+    ('no bias, lr 0.1, 2000 steps', dict(base_lr=0.1, max_steps=2000)),
+    ('no bias, lr 0.3', dict(base_lr=0.3)),
+    ('no bias, remark T1, lr 1.0', dict(base_lr=1.0, hidden_layer_remark='T1')),
+    ('no bias, lr 1.0, semi-hard', dict(base_lr=1.0, loss_fun='semihard_triplet_loss')),
 ]
 
 

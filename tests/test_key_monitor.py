@@ -72,6 +72,18 @@ def test_monitor_warns_without_stopping_by_default(capsys):
     assert 'no longer key-dependent' in capsys.readouterr().out
 
 
+def test_the_final_check_does_not_repeat_the_last_steps(capsys):
+    cfg = validate_config(CFG, 'mon', STAGE2_REQUIRED)
+    emb, labels = clustered()
+    monitor, state, layers = KeyChangeMonitor(cfg, emb, labels), _State(), stack(use_bias=False)
+    monitor.run(state, layers)
+    monitor.run(state, layers, final=True)
+    assert capsys.readouterr().out.count('[monitor step 7]') == 1
+    state.step = 9
+    monitor.run(state, layers, final=True)
+    assert '[monitor step 9]' in capsys.readouterr().out
+
+
 def test_projection_bias_off_is_the_seed_layer():
     """iom_projection_bias: true builds the seed's Dense (kernel and bias, same codes); false has
     no bias and gives the seed's codes whenever its bias is zero (the initial state)."""

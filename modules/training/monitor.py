@@ -74,6 +74,7 @@ class KeyChangeMonitor:
         self.random_codes = projection_codes(self.embeddings, random_kernel, None, self.m, self.q)
         self.perms = {}  # key -> permutation, made on first use (the feature size is known then)
         self.last = None
+        self.checked_step = None  # the step of self.last: the final check does not repeat it
 
     def _perm(self, key, n):
         from modules.layers import key_permutation
@@ -131,7 +132,10 @@ class KeyChangeMonitor:
     def run(self, state, stack, final=False):
         """Check, log to TensorBoard under monitor/, warn (or raise with stop_on_key_change_fail)."""
         import tensorflow as tf
+        if final and self.checked_step == state.step:
+            return self.last
         r = self.check(stack)
+        self.checked_step = state.step
         with state.writer.as_default(step=state.step):
             for k, v in r.items():
                 if not isinstance(v, list):
