@@ -9,7 +9,8 @@ stage1_sub_name the backbone trained on them and test_dataset the held-out fold'
 training images (cache_embeddings) and of the test pairs are computed once. Per row and set:
 float (cosine), learned and seeded random IoM (accuracy, EER, TAR at FAR 1e-3), and on the learned
 codes eval_protection's measures (5 keys): key_change_ok, revocability, zero-effort, non-mated
-agreement. Prints a markdown table and writes <out>/sweep.json.
+agreement; the evidence of the two key-independent terms (a trained bias; projection columns of
+unequal norms). Prints a markdown table and writes <out>/sweep.json.
 
 Data used for issue 31 (all derived files outside the repository): the 7,000 CFP photos cropped
 with data/align_faces.py --cropped (the photo is the face box: MTCNN ran at 1.3 s a photo on the
@@ -31,27 +32,38 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from modules.utils import UserError, cli_guard, quiet_tensorflow  # noqa: E402
 
 FLAGS = flags.FLAGS
-SEED_ARGS = {'iom_projection_bias': True}  # the seed's layer: the "without the fix" rows
+# 'seed layer': the projection as the seed built it (a bias, free column norms); 'no bias': the
+# first fix alone; 'default': both fixes, what stage 2 builds today.
+SEED_ARGS = {'iom_projection_bias': True, 'iom_equal_column_norms': False}
+NO_BIAS = {'iom_equal_column_norms': False}
 GRID = [  # (label, overrides); the base config is remark '1', batch-hard arc, m 256, 500 steps
     ('seed layer, lr 1.0', dict(SEED_ARGS, base_lr=1.0)),
-    ('no bias, lr 1.0', dict(base_lr=1.0)),
+    ('no bias, lr 1.0', dict(NO_BIAS, base_lr=1.0)),
     ('seed layer, lr 0.1', dict(SEED_ARGS, base_lr=0.1)),
-    ('no bias, lr 0.1', dict(base_lr=0.1)),
-    ('no bias, lr 1.0, 2000 steps', dict(base_lr=1.0, max_steps=2000)),
+    ('no bias, lr 0.1', dict(NO_BIAS, base_lr=0.1)),
+    ('no bias, lr 1.0, 2000 steps', dict(NO_BIAS, base_lr=1.0, max_steps=2000)),
     ('seed layer, lr 1.0, 2000 steps', dict(SEED_ARGS, base_lr=1.0, max_steps=2000)),
-    ('no bias, lr 0.01', dict(base_lr=0.01)),
-    ('no bias, lr 1.0, batch-all arc', dict(base_lr=1.0, loss_fun='batch_all_arc_triplet_loss')),
-    ('no bias, lr 1.0, batch-hard', dict(base_lr=1.0, loss_fun='batch_hard_triplet')),
-    ('no bias, lr 1.0, m 512', dict(base_lr=1.0, m=512)),
+    ('no bias, lr 0.01', dict(NO_BIAS, base_lr=0.01)),
+    ('no bias, lr 1.0, batch-all arc', dict(NO_BIAS, base_lr=1.0, loss_fun='batch_all_arc_triplet_loss')),
+    ('no bias, lr 1.0, batch-hard', dict(NO_BIAS, base_lr=1.0, loss_fun='batch_hard_triplet')),
+    ('no bias, lr 1.0, m 512', dict(NO_BIAS, base_lr=1.0, m=512)),
     ('seed layer, lr 1.0, m 512', dict(SEED_ARGS, base_lr=1.0, m=512)),
-    ('no bias, remark 2, lr 0.1', dict(base_lr=0.1, hidden_layer_remark='2')),
-    ('no bias, remark 3, lr 0.1', dict(base_lr=0.1, hidden_layer_remark='3')),
-    ('no bias, remark T1, lr 0.1', dict(base_lr=0.1, hidden_layer_remark='T1')),
+    ('no bias, remark 2, lr 0.1', dict(NO_BIAS, base_lr=0.1, hidden_layer_remark='2')),
+    ('no bias, remark 3, lr 0.1', dict(NO_BIAS, base_lr=0.1, hidden_layer_remark='3')),
+    ('no bias, remark T1, lr 0.1', dict(NO_BIAS, base_lr=0.1, hidden_layer_remark='T1')),
     ('seed layer, remark T1, lr 0.1', dict(SEED_ARGS, base_lr=0.1, hidden_layer_remark='T1')),
-    ('no bias, lr 0.1, 2000 steps', dict(base_lr=0.1, max_steps=2000)),
-    ('no bias, lr 0.3', dict(base_lr=0.3)),
-    ('no bias, remark T1, lr 1.0', dict(base_lr=1.0, hidden_layer_remark='T1')),
-    ('no bias, lr 1.0, semi-hard', dict(base_lr=1.0, loss_fun='semihard_triplet_loss')),
+    ('no bias, lr 0.1, 2000 steps', dict(NO_BIAS, base_lr=0.1, max_steps=2000)),
+    ('no bias, lr 0.3', dict(NO_BIAS, base_lr=0.3)),
+    ('no bias, remark T1, lr 1.0', dict(NO_BIAS, base_lr=1.0, hidden_layer_remark='T1')),
+    ('no bias, lr 1.0, semi-hard', dict(NO_BIAS, base_lr=1.0, loss_fun='semihard_triplet_loss')),
+    ('default, lr 1.0', dict(base_lr=1.0)),
+    ('default, lr 1.0, 2000 steps', dict(base_lr=1.0, max_steps=2000)),
+    ('default, lr 0.1', dict(base_lr=0.1)),
+    ('default, lr 1.0, m 512', dict(base_lr=1.0, m=512)),
+    ('default, remark T1, lr 1.0', dict(base_lr=1.0, hidden_layer_remark='T1')),
+    ('default, remark 2, lr 0.1', dict(base_lr=0.1, hidden_layer_remark='2')),
+    ('default, lr 1.0, 2000 steps, semi-hard', dict(base_lr=1.0, max_steps=2000,
+                                                    loss_fun='semihard_triplet_loss')),
 ]
 
 
@@ -149,6 +161,21 @@ def bias_evidence(model, cfg, emb, issame):
     return out
 
 
+def norm_evidence(model, cfg):
+    """How far the projection's column norms spread within a group, and how often the largest
+    column of a group wins its argmax for random directions (chance: 1/q)."""
+    from modules.models import trained_iom_layers
+    kernel = trained_iom_layers(model)[-2].get_weights()[0]
+    m, q = cfg['m'], cfg['q']
+    norms = np.linalg.norm(kernel, axis=0).reshape(m, q)
+    rel = norms / norms.mean(axis=1, keepdims=True)
+    z = np.random.default_rng(0).standard_normal((2000, kernel.shape[0])).astype(np.float32)
+    wins = np.argmax((z @ kernel).reshape(-1, m, q), -1) == np.argmax(norms, -1)[None]
+    return {'column_norm_spread': float(rel.std(axis=1).mean()),
+            'largest_over_mean': float(rel.max(axis=1).mean()),
+            'largest_column_wins': float(wins.mean())}
+
+
 def run_row(base, label, overrides, index, test, out):
     """Train one row's stage 2 (sharing the embedding cache) and measure it on every set."""
     from modules.config import STAGE2_REQUIRED, checkpoint_dir, validate_config
@@ -167,7 +194,8 @@ def run_row(base, label, overrides, index, test, out):
         os.makedirs(checkpoint_dir(base), exist_ok=True)
         shutil.copy(os.path.join(checkpoint_dir(cfg), 'embedding_cache.npz'), shared)
     model = load_iom_model(cfg, verbose=False)
-    row = {'label': label, 'config': overrides, 'monitor': summary.get('monitor'), 'sets': {}}
+    row = {'label': label, 'config': overrides, 'monitor': summary.get('monitor'), 'sets': {},
+           'norm_evidence': norm_evidence(model, cfg)}
     for name, (emb, issame) in test.items():
         learned = iom_codes(model, emb)
         rand = random_iom(emb, cfg['m'], cfg['q'])

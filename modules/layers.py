@@ -324,14 +324,35 @@ def iom_hidden_layers(remark, name_prefix=''):
     return out
 
 
-def IoMProjection(m, q, name='IoMProjection', seed=None, use_bias=True):
+@tf.keras.utils.register_keras_serializable(package='iomface')
+class EqualColumnNorms(tf.keras.constraints.Constraint):
+    """Rescales every column w_j of a kernel to the mean column norm: w_j * mean_k |w_k| / |w_j|.
+
+    A column of W.P(x) that outgrows the others of its group wins that group's argmax for most
+    inputs, whatever the key: a key-independent code without any bias (docs/protection.md, "Real
+    faces"). Equal norms leave only directions to learn, as in random IoM, whose N(0, 1) columns
+    have nearly equal norms.
+    """
+
+    def __call__(self, w):
+        norms = tf.norm(w, axis=0, keepdims=True)
+        return w * (tf.reduce_mean(norms) / tf.maximum(norms, 1e-12))
+
+    def get_config(self):
+        """No settings."""
+        return {}
+
+
+def IoMProjection(m, q, name='IoMProjection', seed=None, use_bias=True, equal_column_norms=False):
     """Dense(m*q) with N(0, 1) kernel init: the random IoM projection (trained in stage 2).
 
     `use_bias` False drops the additive term b of W.P(x) + b: the key permutes x but never b, so
     a trained b shifts every group's argmax the same way under every key (docs/protection.md,
-    "Real faces"); True is the seed's layer.
+    "Real faces"); True is the seed's layer. `equal_column_norms` keeps the kernel's columns at
+    one norm while training (EqualColumnNorms); it changes nothing at inference.
     """
     m = _check_positive_int(m, 'IoM m')
     q = _check_positive_int(q, 'IoM q')
     init = tf.keras.initializers.RandomNormal(mean=0.0, stddev=1.0, seed=seed)
-    return tf.keras.layers.Dense(m * q, kernel_initializer=init, use_bias=bool(use_bias), name=name)
+    return tf.keras.layers.Dense(m * q, kernel_initializer=init, use_bias=bool(use_bias), name=name,
+                                 kernel_constraint=EqualColumnNorms() if equal_column_norms else None)

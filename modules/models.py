@@ -156,8 +156,9 @@ def iom_layers(cfg, perm_key=None):
     perm = PermLayer(perm_key, name='perm_layer')
     hidden = iom_hidden_layers(cfg['hidden_layer_remark'])
     front = [perm] + hidden if setting(cfg, 'perm_position') == 'input' else hidden + [perm]
-    return front + [IoMProjection(cfg['m'], cfg['q'], use_bias=setting(cfg, 'iom_projection_bias')),
-                    IoMHead(cfg['m'], cfg['q'], T=cfg['T'], name='IoMHead')]
+    projection = IoMProjection(cfg['m'], cfg['q'], use_bias=setting(cfg, 'iom_projection_bias'),
+                               equal_column_norms=setting(cfg, 'iom_equal_column_norms'))
+    return front + [projection, IoMHead(cfg['m'], cfg['q'], T=cfg['T'], name='IoMHead')]
 
 
 def check_rekeyable(cfg):

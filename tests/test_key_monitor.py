@@ -4,7 +4,7 @@ import pytest
 import tensorflow as tf
 
 from modules.config import STAGE2_REQUIRED, validate_config
-from modules.layers import IoMHead, IoMProjection, PermLayer
+from modules.layers import EqualColumnNorms, IoMHead, IoMProjection, PermLayer
 from modules.training.monitor import KeyChangeMonitor, holdout_split
 from modules.utils import UserError
 
@@ -70,6 +70,37 @@ def test_monitor_warns_without_stopping_by_default(capsys):
     result = KeyChangeMonitor(cfg, emb, labels).run(_State(), stack(bias_scale=50.0))
     assert not result['key_change_ok']
     assert 'no longer key-dependent' in capsys.readouterr().out
+
+
+def test_an_outsized_column_is_caught_and_equal_norms_remove_it():
+    cfg = validate_config(CFG, 'mon', STAGE2_REQUIRED)
+    emb, labels = clustered()
+    monitor = KeyChangeMonitor(cfg, emb, labels)
+    layers = stack(use_bias=False)
+    kernel = layers[1].kernel.numpy()
+    kernel[:, ::8] *= 4.0  # the first column of every group outgrows the rest
+    layers[1].kernel.assign(kernel)
+    outsized = monitor.check(layers)
+    assert not outsized['key_change_ok'] and outsized['nonmated_agreement_new_keys'] > 0.15
+    equal = EqualColumnNorms()(tf.constant(kernel)).numpy()
+    norms = np.linalg.norm(equal, axis=0)
+    np.testing.assert_allclose(norms, norms.mean(), rtol=1e-5)
+    layers[1].kernel.assign(equal)
+    assert monitor.check(layers)['key_change_ok']
+
+
+def test_equal_column_norms_hold_through_training_steps():
+    proj = IoMProjection(16, 4, seed=0, use_bias=False, equal_column_norms=True)
+    x = tf.random.stateless_normal((32, 24), seed=(1, 2))
+    proj(x)
+    optimizer = tf.keras.optimizers.SGD(1.0)
+    for _ in range(3):  # a loss that rewards growing the first column of each group
+        with tf.GradientTape() as tape:
+            loss = -tf.reduce_mean(tf.abs(tf.reshape(proj(x), (32, 16, 4))[..., 0]))
+        optimizer.apply_gradients(zip(tape.gradient(loss, proj.trainable_variables),
+                                      proj.trainable_variables))
+    norms = np.linalg.norm(proj.kernel.numpy(), axis=0)
+    np.testing.assert_allclose(norms, norms.mean(), rtol=1e-4)
 
 
 def test_the_final_check_does_not_repeat_the_last_steps(capsys):
