@@ -186,7 +186,7 @@ def main(_):
     report['zero_effort_rate'] = zero_effort_rate(iom_codes(model, probes, perm_key=keys[0]),
                                                   codes[0], report['threshold'])
     report['zero_effort_n'] = FLAGS.zero_effort
-    ok, problems, tolerance = key_change_verdict(report)
+    ok, problems, tolerance = key_change_verdict(report, q=cfg['q'])
     report.update(key_change_ok=ok, key_change_problems=problems, eer_tolerance=tolerance)
     print(f"IoM codes m={cfg['m']} q={cfg['q']}, {len(issame)} pairs of {FLAGS.set}")
     print(format_protection_table(report, FLAGS.set))

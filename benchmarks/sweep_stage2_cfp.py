@@ -129,7 +129,7 @@ def protection(model, cfg, emb, issame, num_keys=5):
     keys = [int(k) for k in np.random.default_rng(0).choice(2 ** 31 - 1, num_keys, replace=False)]
     codes = [iom_codes(model, emb, perm_key=k) for k in keys]
     rep = evaluate_protection(codes, plain, issame)
-    ok, reasons, _ = key_change_verdict(rep)
+    ok, reasons, _ = key_change_verdict(rep, q=cfg['q'])
     probes = iom_codes(model, like_real_embeddings(emb, 2000, 0), perm_key=keys[0])
     return {'key_change_ok': ok, 'problems': reasons,
             'revocability': max(rep['revocability_rate'], rep['revocability_rate_same_sample']),

@@ -232,6 +232,11 @@ def test_key_change_verdict_flags_worse_eer_and_revocable_codes():
     assert not ok and 'EER under new keys' in problems[0]
     ok, problems, _ = key_change_verdict(dict(good, revocability_rate_same_sample=0.27))
     assert not ok and 'revocability rate 0.2700' in problems[0]
+    nonmated = dict(good, nonmated_mean=0.16)  # q = 8: chance is 0.125
+    assert key_change_verdict(nonmated)[0]
+    ok, problems, _ = key_change_verdict(nonmated, q=8)
+    assert not ok and 'agree on 0.1600' in problems[0]
+    assert key_change_verdict(dict(good, nonmated_mean=0.13), q=8)[0]
 
 
 def test_gallery_refuses_a_model_its_protection_report_found_unfit_for_new_keys(tmp_path,

@@ -377,13 +377,19 @@ def zero_effort_rate(random_codes, enrolled_codes, threshold, chunk=256):
     return accepted / (len(a) * len(b))
 
 
-def key_change_verdict(report, max_revocability=0.01):
-    """(ok, reasons): do codes under new keys verify as well as without one, and revoke?
+# Non-mated agreement across keys above (1 + this) / q: a key-independent component in the codes.
+MAX_EXCESS_AGREEMENT = 0.1
+
+
+def key_change_verdict(report, max_revocability=0.01, q=None):
+    """(ok, reasons, tolerance): do codes under new keys verify as well as without one, and revoke?
 
     The EER under the random keys may exceed the EER without a key by at most twice the
     binomial standard error of an EER measured on the set's pairs, sqrt(e (1 - e) / n) with n
     the smaller of the genuine and impostor pair counts (the spread of the figure from one run
-    to another); the revocability rates must not exceed `max_revocability`.
+    to another); the revocability rates must not exceed `max_revocability`; with `q` given,
+    unrelated faces under different keys may agree on at most (1 + MAX_EXCESS_AGREEMENT) / q of
+    the positions (chance is 1/q).
     """
     eer = report['eer_plain']
     pairs = min(report['num_genuine_pairs'], report['num_pairs'] - report['num_genuine_pairs'])
@@ -398,6 +404,10 @@ def key_change_verdict(report, max_revocability=0.01):
     if revocability > max_revocability:
         reasons.append(f'revocability rate {revocability:.4f} > {max_revocability}: codes of a '
                        'revoked key are still accepted under the new one')
+    if q and report['nonmated_mean'] > (1 + MAX_EXCESS_AGREEMENT) / q:
+        reasons.append(f"unrelated faces under different keys agree on {report['nonmated_mean']:.4f} "
+                       f'of positions, chance is 1/q = {1 / q:.4f}: part of the code does not '
+                       'depend on the key')
     return not reasons, reasons, tolerance
 
 
