@@ -32,10 +32,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from modules.utils import UserError, cli_guard, quiet_tensorflow  # noqa: E402
 
 FLAGS = flags.FLAGS
-# 'seed layer': the projection as the seed built it (a bias, free column norms); 'no bias': the
-# first fix alone; 'default': both fixes, what stage 2 builds today.
-SEED_ARGS = {'iom_projection_bias': True, 'iom_equal_column_norms': False}
-NO_BIAS = {'iom_equal_column_norms': False}
+# 'seed layer': the projection as the seed built it (a bias, a free kernel); 'no bias': the first
+# fix alone; 'default': both fixes (orthonormal groups too), what stage 2 builds today.
+SEED_ARGS = {'iom_projection_bias': True, 'iom_orthogonal_groups': False}
+NO_BIAS = {'iom_orthogonal_groups': False}
 GRID = [  # (label, overrides); the base config is remark '1', batch-hard arc, m 256, 500 steps
     ('seed layer, lr 1.0', dict(SEED_ARGS, base_lr=1.0)),
     ('no bias, lr 1.0', dict(NO_BIAS, base_lr=1.0)),

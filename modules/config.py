@@ -122,11 +122,12 @@ SCHEMA = {
                                    "seed's layer, needed to load its checkpoints); the key never "
                                    'permutes b, so a trained b is a key-independent code '
                                    '(docs/protection.md)'),
-    'iom_equal_column_norms': Key((bool,), True,
-                                  doc='stage 2: after every update the columns of the IoM '
-                                      'projection W are rescaled to their mean norm (false: the '
-                                      "seed's free kernel); a column that outgrows its group wins "
-                                      'its argmax under every key (docs/protection.md)'),
+    'iom_orthogonal_groups': Key((bool,), True,
+                                 doc='stage 2: after every update each group of q columns of the IoM '
+                                     'projection W is made orthonormal (times one scale; false: the '
+                                     "seed's free kernel); otherwise a column that outgrows or stands "
+                                     'apart from its group wins its argmax under every key '
+                                     '(docs/protection.md)'),
     'monitor_holdout': Key(_NUM, 0.1, doc='stage 2: share of the training identities held out '
                            'of training for the key-change monitor (0: no monitor)'),
     'monitor_keys': Key((int,), 3, doc='stage 2: random keys the key-change monitor hashes under'),

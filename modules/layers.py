@@ -325,34 +325,43 @@ def iom_hidden_layers(remark, name_prefix=''):
 
 
 @tf.keras.utils.register_keras_serializable(package='iomface')
-class EqualColumnNorms(tf.keras.constraints.Constraint):
-    """Rescales every column w_j of a kernel to the mean column norm: w_j * mean_k |w_k| / |w_j|.
+class OrthogonalGroups(tf.keras.constraints.Constraint):
+    """Replaces each group's q columns W_g of a (d, m*q) kernel by the nearest orthonormal set,
+    U V^T from W_g = U S V^T, times the kernel's mean column norm.
 
-    A column of W.P(x) that outgrows the others of its group wins that group's argmax for most
-    inputs, whatever the key: a key-independent code without any bias (docs/protection.md, "Real
-    faces"). Equal norms leave only directions to learn, as in random IoM, whose N(0, 1) columns
-    have nearly equal norms.
+    Two ways a trained projection without a bias decides a group's argmax whatever the key: a
+    column that outgrows the others wins most inputs, and so does a column set apart from the
+    rest of its group (the argmax of correlated scores favours the odd one out). Random IoM has
+    neither: its N(0, 1) columns are nearly orthogonal and of one norm in high dimensions.
+    (docs/protection.md, "Real faces")
     """
 
+    def __init__(self, q):
+        self.q = int(q)
+
     def __call__(self, w):
-        norms = tf.norm(w, axis=0, keepdims=True)
-        return w * (tf.reduce_mean(norms) / tf.maximum(norms, 1e-12))
+        d, width = w.shape
+        scale = tf.reduce_mean(tf.norm(w, axis=0))
+        groups = tf.transpose(tf.reshape(w, (d, width // self.q, self.q)), (1, 0, 2))  # (m, d, q)
+        _, u, v = tf.linalg.svd(groups)
+        nearest = tf.matmul(u, v, adjoint_b=True)
+        return tf.reshape(tf.transpose(nearest, (1, 0, 2)), (d, width)) * scale
 
     def get_config(self):
-        """No settings."""
-        return {}
+        """The group size."""
+        return {'q': self.q}
 
 
-def IoMProjection(m, q, name='IoMProjection', seed=None, use_bias=True, equal_column_norms=False):
+def IoMProjection(m, q, name='IoMProjection', seed=None, use_bias=True, orthogonal_groups=False):
     """Dense(m*q) with N(0, 1) kernel init: the random IoM projection (trained in stage 2).
 
     `use_bias` False drops the additive term b of W.P(x) + b: the key permutes x but never b, so
     a trained b shifts every group's argmax the same way under every key (docs/protection.md,
-    "Real faces"); True is the seed's layer. `equal_column_norms` keeps the kernel's columns at
-    one norm while training (EqualColumnNorms); it changes nothing at inference.
+    "Real faces"); True is the seed's layer. `orthogonal_groups` keeps each group's columns
+    orthonormal (times one scale) while training (OrthogonalGroups); nothing changes at inference.
     """
     m = _check_positive_int(m, 'IoM m')
     q = _check_positive_int(q, 'IoM q')
     init = tf.keras.initializers.RandomNormal(mean=0.0, stddev=1.0, seed=seed)
     return tf.keras.layers.Dense(m * q, kernel_initializer=init, use_bias=bool(use_bias), name=name,
-                                 kernel_constraint=EqualColumnNorms() if equal_column_norms else None)
+                                 kernel_constraint=OrthogonalGroups(q) if orthogonal_groups else None)

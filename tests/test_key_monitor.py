@@ -4,7 +4,7 @@ import pytest
 import tensorflow as tf
 
 from modules.config import STAGE2_REQUIRED, validate_config
-from modules.layers import EqualColumnNorms, IoMHead, IoMProjection, PermLayer
+from modules.layers import IoMHead, IoMProjection, OrthogonalGroups, PermLayer
 from modules.training.monitor import KeyChangeMonitor, holdout_split
 from modules.utils import UserError
 
@@ -72,25 +72,43 @@ def test_monitor_warns_without_stopping_by_default(capsys):
     assert 'no longer key-dependent' in capsys.readouterr().out
 
 
-def test_an_outsized_column_is_caught_and_equal_norms_remove_it():
+def _grouped_kernel(layers, edit):
+    """The projection kernel of `layers` as (d, m, q), edited in place by `edit`, flattened back."""
+    kernel = layers[1].kernel.numpy()
+    grouped = kernel.reshape(kernel.shape[0], -1, 8)
+    edit(grouped)
+    return grouped.reshape(kernel.shape)
+
+
+def _outsized(g):
+    g[:, :, 0] *= 4.0  # the first column of every group outgrows the rest
+
+
+def _odd_one_out(g):
+    g[:, :, 1:] = g[:, :, 1:2] + 0.3 * g[:, :, 1:]  # seven similar columns and one apart
+    g /= np.linalg.norm(g, axis=0, keepdims=True)
+
+
+@pytest.mark.parametrize('edit', [_outsized, _odd_one_out])
+def test_key_independent_kernels_are_caught_and_orthogonal_groups_remove_them(edit):
     cfg = validate_config(CFG, 'mon', STAGE2_REQUIRED)
     emb, labels = clustered()
     monitor = KeyChangeMonitor(cfg, emb, labels)
     layers = stack(use_bias=False)
-    kernel = layers[1].kernel.numpy()
-    kernel[:, ::8] *= 4.0  # the first column of every group outgrows the rest
+    kernel = _grouped_kernel(layers, edit)
     layers[1].kernel.assign(kernel)
-    outsized = monitor.check(layers)
-    assert not outsized['key_change_ok'] and outsized['nonmated_agreement_new_keys'] > 0.15
-    equal = EqualColumnNorms()(tf.constant(kernel)).numpy()
-    norms = np.linalg.norm(equal, axis=0)
-    np.testing.assert_allclose(norms, norms.mean(), rtol=1e-5)
-    layers[1].kernel.assign(equal)
+    bad = monitor.check(layers)
+    assert not bad['key_change_ok'] and bad['nonmated_agreement_new_keys'] > 0.15
+    fixed = OrthogonalGroups(8)(tf.constant(kernel)).numpy().reshape(kernel.shape[0], -1, 8)
+    gram = np.einsum('dmi,dmj->mij', fixed, fixed)
+    np.testing.assert_allclose(gram, gram[0, 0, 0] * np.eye(8)[None].repeat(gram.shape[0], 0),
+                               atol=1e-4 * gram[0, 0, 0])
+    layers[1].kernel.assign(fixed.reshape(kernel.shape))
     assert monitor.check(layers)['key_change_ok']
 
 
-def test_equal_column_norms_hold_through_training_steps():
-    proj = IoMProjection(16, 4, seed=0, use_bias=False, equal_column_norms=True)
+def test_orthogonal_groups_hold_through_training_steps():
+    proj = IoMProjection(16, 4, seed=0, use_bias=False, orthogonal_groups=True)
     x = tf.random.stateless_normal((32, 24), seed=(1, 2))
     proj(x)
     optimizer = tf.keras.optimizers.SGD(1.0)
@@ -99,8 +117,10 @@ def test_equal_column_norms_hold_through_training_steps():
             loss = -tf.reduce_mean(tf.abs(tf.reshape(proj(x), (32, 16, 4))[..., 0]))
         optimizer.apply_gradients(zip(tape.gradient(loss, proj.trainable_variables),
                                       proj.trainable_variables))
-    norms = np.linalg.norm(proj.kernel.numpy(), axis=0)
-    np.testing.assert_allclose(norms, norms.mean(), rtol=1e-4)
+    groups = proj.kernel.numpy().reshape(24, 16, 4)
+    gram = np.einsum('dmi,dmj->mij', groups, groups)
+    np.testing.assert_allclose(gram, gram[0, 0, 0] * np.eye(4)[None].repeat(16, 0),
+                               atol=1e-4 * gram[0, 0, 0])
 
 
 def test_the_final_check_does_not_repeat_the_last_steps(capsys):
