@@ -33,9 +33,11 @@ from modules.utils import UserError, cli_guard, quiet_tensorflow  # noqa: E402
 
 FLAGS = flags.FLAGS
 # 'seed layer': the projection as the seed built it (a bias, a free kernel); 'no bias': the first
-# fix alone; 'default': both fixes (orthonormal groups too), what stage 2 builds today.
-SEED_ARGS = {'iom_projection_bias': True, 'iom_orthogonal_groups': False}
-NO_BIAS = {'iom_orthogonal_groups': False}
+# fix alone; 'groups': no bias and orthonormal groups; 'default': all three fixes (a tight frame
+# too), what stage 2 builds today.
+SEED_ARGS = {'iom_projection_bias': True, 'iom_orthogonal_groups': False, 'iom_tight_frame': False}
+NO_BIAS = {'iom_orthogonal_groups': False, 'iom_tight_frame': False}
+GROUPS = {'iom_tight_frame': False}
 GRID = [  # (label, overrides); the base config is remark '1', batch-hard arc, m 256, 500 steps
     ('seed layer, lr 1.0', dict(SEED_ARGS, base_lr=1.0)),
     ('no bias, lr 1.0', dict(NO_BIAS, base_lr=1.0)),
@@ -56,6 +58,14 @@ GRID = [  # (label, overrides); the base config is remark '1', batch-hard arc, m
     ('no bias, lr 0.3', dict(NO_BIAS, base_lr=0.3)),
     ('no bias, remark T1, lr 1.0', dict(NO_BIAS, base_lr=1.0, hidden_layer_remark='T1')),
     ('no bias, lr 1.0, semi-hard', dict(NO_BIAS, base_lr=1.0, loss_fun='semihard_triplet_loss')),
+    ('groups, lr 1.0', dict(GROUPS, base_lr=1.0)),
+    ('groups, lr 1.0, 2000 steps', dict(GROUPS, base_lr=1.0, max_steps=2000)),
+    ('groups, lr 0.1', dict(GROUPS, base_lr=0.1)),
+    ('groups, lr 1.0, m 512', dict(GROUPS, base_lr=1.0, m=512)),
+    ('groups, remark T1, lr 1.0', dict(GROUPS, base_lr=1.0, hidden_layer_remark='T1')),
+    ('groups, remark 2, lr 0.1', dict(GROUPS, base_lr=0.1, hidden_layer_remark='2')),
+    ('groups, lr 1.0, 2000 steps, semi-hard', dict(GROUPS, base_lr=1.0, max_steps=2000,
+                                                   loss_fun='semihard_triplet_loss')),
     ('default, lr 1.0', dict(base_lr=1.0)),
     ('default, lr 1.0, 2000 steps', dict(base_lr=1.0, max_steps=2000)),
     ('default, lr 0.1', dict(base_lr=0.1)),
@@ -162,8 +172,9 @@ def bias_evidence(model, cfg, emb, issame):
 
 
 def norm_evidence(model, cfg):
-    """How far the projection's column norms spread within a group, and how often the largest
-    column of a group wins its argmax for random directions (chance: 1/q)."""
+    """How far the projection's column norms spread within a group, how often the largest column
+    of a group wins its argmax for random directions (chance: 1/q), and how concentrated its
+    spectrum is (share of the top singular direction; effective rank, N(0, 1) kernel: ~410)."""
     from modules.models import trained_iom_layers
     kernel = trained_iom_layers(model)[-2].get_weights()[0]
     m, q = cfg['m'], cfg['q']
@@ -171,9 +182,12 @@ def norm_evidence(model, cfg):
     rel = norms / norms.mean(axis=1, keepdims=True)
     z = np.random.default_rng(0).standard_normal((2000, kernel.shape[0])).astype(np.float32)
     wins = np.argmax((z @ kernel).reshape(-1, m, q), -1) == np.argmax(norms, -1)[None]
+    power = np.linalg.svd(kernel, compute_uv=False) ** 2
     return {'column_norm_spread': float(rel.std(axis=1).mean()),
             'largest_over_mean': float(rel.max(axis=1).mean()),
-            'largest_column_wins': float(wins.mean())}
+            'largest_column_wins': float(wins.mean()),
+            'top_direction_share': float(power[0] / power.sum()),
+            'effective_rank': float(power.sum() ** 2 / (power ** 2).sum())}
 
 
 def run_row(base, label, overrides, index, test, out):

@@ -128,6 +128,11 @@ SCHEMA = {
                                      "seed's free kernel); otherwise a column that outgrows or stands "
                                      'apart from its group wins its argmax under every key '
                                      '(docs/protection.md)'),
+    'iom_tight_frame': Key((bool,), True,
+                           doc='stage 2: after every update the IoM projection W is made a tight '
+                               'frame (rows orthogonal, of one norm; false: not kept); otherwise a '
+                               'long run collapses W onto a few directions and codes under two '
+                               'keys share its few patterns (docs/protection.md)'),
     'monitor_holdout': Key(_NUM, 0.1, doc='stage 2: share of the training identities held out '
                            'of training for the key-change monitor (0: no monitor)'),
     'monitor_keys': Key((int,), 3, doc='stage 2: random keys the key-change monitor hashes under'),

@@ -325,43 +325,66 @@ def iom_hidden_layers(remark, name_prefix=''):
 
 
 @tf.keras.utils.register_keras_serializable(package='iomface')
-class OrthogonalGroups(tf.keras.constraints.Constraint):
-    """Replaces each group's q columns W_g of a (d, m*q) kernel by the nearest orthonormal set,
-    U V^T from W_g = U S V^T, times the kernel's mean column norm.
+def tight_frame(w):
+    """The nearest (d, n) kernel, d <= n, whose rows are orthogonal and of one norm (W W^T = s^2 I,
+    s the mean singular value): (W W^T)^(-1/2) W rescaled, from the eigenvectors of W W^T."""
+    e, u = tf.linalg.eigh(tf.matmul(w, w, transpose_b=True))
+    s = tf.sqrt(tf.maximum(e, 1e-12))
+    return tf.matmul(u * (tf.reduce_mean(s) / s), tf.matmul(u, w, transpose_a=True))
 
-    Two ways a trained projection without a bias decides a group's argmax whatever the key: a
+
+class IoMKernelConstraint(tf.keras.constraints.Constraint):
+    """Keeps a (d, m*q) IoM kernel shaped like a random one, after every update: `tight_frame`
+    makes it a tight frame first (tight_frame; when d <= m*q), `orthogonal_groups` then replaces
+    each group's q columns W_g by the nearest orthonormal set, U V^T from W_g = U S V^T, times the
+    kernel's mean column norm.
+
+    Three ways a trained projection without a bias decides a group's argmax whatever the key: a
     column that outgrows the others wins most inputs, and so does a column set apart from the
-    rest of its group (the argmax of correlated scores favours the odd one out). Random IoM has
-    neither: its N(0, 1) columns are nearly orthogonal and of one norm in high dimensions.
-    (docs/protection.md, "Real faces")
+    rest of its group (the argmax of correlated scores favours the odd one out); and a kernel
+    that collapses onto a few directions (low rank: every group shared the same few) makes every
+    code a mix of the same few patterns, so codes under two keys agree far above chance for some
+    pairs of keys. Random IoM has none of the three: its N(0, 1) columns are nearly orthogonal
+    and of one norm, and its spectrum is spread (docs/protection.md, "Real faces").
     """
 
-    def __init__(self, q):
+    def __init__(self, q, orthogonal_groups=True, tight_frame=True):
         self.q = int(q)
+        self.orthogonal_groups = bool(orthogonal_groups)
+        self.tight_frame = bool(tight_frame)
 
     def __call__(self, w):
         d, width = w.shape
         scale = tf.reduce_mean(tf.norm(w, axis=0))
+        if self.tight_frame and d <= width:
+            w = tight_frame(w)
+        if not self.orthogonal_groups:
+            return w
         groups = tf.transpose(tf.reshape(w, (d, width // self.q, self.q)), (1, 0, 2))  # (m, d, q)
         _, u, v = tf.linalg.svd(groups)
         nearest = tf.matmul(u, v, adjoint_b=True)
         return tf.reshape(tf.transpose(nearest, (1, 0, 2)), (d, width)) * scale
 
     def get_config(self):
-        """The group size."""
-        return {'q': self.q}
+        """The group size and which of the two shapes is kept."""
+        return {'q': self.q, 'orthogonal_groups': self.orthogonal_groups,
+                'tight_frame': self.tight_frame}
 
 
-def IoMProjection(m, q, name='IoMProjection', seed=None, use_bias=True, orthogonal_groups=False):
+def IoMProjection(m, q, name='IoMProjection', seed=None, use_bias=True, orthogonal_groups=False,
+                  tight_frame=False):
     """Dense(m*q) with N(0, 1) kernel init: the random IoM projection (trained in stage 2).
 
     `use_bias` False drops the additive term b of W.P(x) + b: the key permutes x but never b, so
     a trained b shifts every group's argmax the same way under every key (docs/protection.md,
     "Real faces"); True is the seed's layer. `orthogonal_groups` keeps each group's columns
-    orthonormal (times one scale) while training (OrthogonalGroups); nothing changes at inference.
+    orthonormal (times one scale) while training, and `tight_frame` the kernel's rows orthogonal
+    and of one norm (IoMKernelConstraint); nothing changes at inference.
     """
     m = _check_positive_int(m, 'IoM m')
     q = _check_positive_int(q, 'IoM q')
     init = tf.keras.initializers.RandomNormal(mean=0.0, stddev=1.0, seed=seed)
     return tf.keras.layers.Dense(m * q, kernel_initializer=init, use_bias=bool(use_bias), name=name,
-                                 kernel_constraint=OrthogonalGroups(q) if orthogonal_groups else None)
+                                 kernel_constraint=(
+                                     IoMKernelConstraint(q, orthogonal_groups, tight_frame)
+                                     if orthogonal_groups or tight_frame else None))

@@ -157,7 +157,8 @@ def iom_layers(cfg, perm_key=None):
     hidden = iom_hidden_layers(cfg['hidden_layer_remark'])
     front = [perm] + hidden if setting(cfg, 'perm_position') == 'input' else hidden + [perm]
     projection = IoMProjection(cfg['m'], cfg['q'], use_bias=setting(cfg, 'iom_projection_bias'),
-                               orthogonal_groups=setting(cfg, 'iom_orthogonal_groups'))
+                               orthogonal_groups=setting(cfg, 'iom_orthogonal_groups'),
+                               tight_frame=setting(cfg, 'iom_tight_frame'))
     return front + [projection, IoMHead(cfg['m'], cfg['q'], T=cfg['T'], name='IoMHead')]
 
 

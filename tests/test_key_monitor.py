@@ -4,7 +4,7 @@ import pytest
 import tensorflow as tf
 
 from modules.config import STAGE2_REQUIRED, validate_config
-from modules.layers import IoMHead, IoMProjection, OrthogonalGroups, PermLayer
+from modules.layers import IoMHead, IoMKernelConstraint, IoMProjection, PermLayer
 from modules.training.monitor import KeyChangeMonitor, holdout_split
 from modules.utils import UserError
 
@@ -89,8 +89,16 @@ def _odd_one_out(g):
     g /= np.linalg.norm(g, axis=0, keepdims=True)
 
 
+def _one_subspace(g):
+    rng = np.random.default_rng(3)
+    basis = np.linalg.qr(rng.standard_normal((g.shape[0], 8)))[0]
+    turns = np.linalg.qr(rng.standard_normal((g.shape[1], 8, 8)))[0]
+    # every group orthonormal, nearly all in one 8-d subspace: the kernel's rank collapses
+    g[:] = np.einsum('dk,mkq->dmq', basis, turns) + 0.02 * g / np.linalg.norm(g, axis=0)
+
+
 @pytest.mark.parametrize('edit', [_outsized, _odd_one_out])
-def test_key_independent_kernels_are_caught_and_orthogonal_groups_remove_them(edit):
+def test_key_independent_kernels_are_caught_and_the_kernel_constraint_removes_them(edit):
     cfg = validate_config(CFG, 'mon', STAGE2_REQUIRED)
     emb, labels = clustered()
     monitor = KeyChangeMonitor(cfg, emb, labels)
@@ -99,7 +107,7 @@ def test_key_independent_kernels_are_caught_and_orthogonal_groups_remove_them(ed
     layers[1].kernel.assign(kernel)
     bad = monitor.check(layers)
     assert not bad['key_change_ok'] and bad['nonmated_agreement_new_keys'] > 0.15
-    fixed = OrthogonalGroups(8)(tf.constant(kernel)).numpy().reshape(kernel.shape[0], -1, 8)
+    fixed = IoMKernelConstraint(8)(tf.constant(kernel)).numpy().reshape(kernel.shape[0], -1, 8)
     gram = np.einsum('dmi,dmj->mij', fixed, fixed)
     np.testing.assert_allclose(gram, gram[0, 0, 0] * np.eye(8)[None].repeat(gram.shape[0], 0),
                                atol=1e-4 * gram[0, 0, 0])
@@ -107,8 +115,20 @@ def test_key_independent_kernels_are_caught_and_orthogonal_groups_remove_them(ed
     assert monitor.check(layers)['key_change_ok']
 
 
-def test_orthogonal_groups_hold_through_training_steps():
-    proj = IoMProjection(16, 4, seed=0, use_bias=False, orthogonal_groups=True)
+def test_a_collapsed_kernel_needs_the_tight_frame_not_only_orthonormal_groups():
+    cfg = validate_config(CFG, 'mon', STAGE2_REQUIRED)
+    emb, labels = clustered()
+    monitor = KeyChangeMonitor(cfg, emb, labels)
+    layers = stack(use_bias=False)
+    kernel = tf.constant(_grouped_kernel(layers, _one_subspace))
+    layers[1].kernel.assign(IoMKernelConstraint(8, tight_frame=False)(kernel))
+    assert monitor.check(layers)['revocability'] > 0.01
+    layers[1].kernel.assign(IoMKernelConstraint(8, tight_frame=True)(kernel))
+    assert monitor.check(layers)['key_change_ok']
+
+
+def test_orthogonal_groups_and_tight_frame_hold_through_training_steps():
+    proj = IoMProjection(16, 4, seed=0, use_bias=False, orthogonal_groups=True, tight_frame=True)
     x = tf.random.stateless_normal((32, 24), seed=(1, 2))
     proj(x)
     optimizer = tf.keras.optimizers.SGD(1.0)
@@ -121,6 +141,8 @@ def test_orthogonal_groups_hold_through_training_steps():
     gram = np.einsum('dmi,dmj->mij', groups, groups)
     np.testing.assert_allclose(gram, gram[0, 0, 0] * np.eye(4)[None].repeat(16, 0),
                                atol=1e-4 * gram[0, 0, 0])
+    rows = proj.kernel.numpy() @ proj.kernel.numpy().T  # close to a tight frame: one step behind
+    assert np.abs(rows / np.diag(rows).mean() - np.eye(24)).max() < 0.25
 
 
 def test_the_final_check_does_not_repeat_the_last_steps(capsys):

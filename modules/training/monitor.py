@@ -141,7 +141,8 @@ class KeyChangeMonitor:
         if self.rekeyable and not r['key_change_ok']:
             message = ('the IoM codes are no longer key-dependent (' + '; '.join(
                 r['key_change_problems']) + '): a new key would not revoke them. Lower base_lr, '
-                'or keep iom_projection_bias: false and iom_orthogonal_groups: true '
+                'or fewer steps, and keep iom_projection_bias: false, iom_orthogonal_groups '
+                'and iom_tight_frame: true '
                 '(docs/protection.md, "Real faces")')
             write(f'[*] Warning: step {state.step}: {message}')
             if self.stop and not final:
