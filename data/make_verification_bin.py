@@ -40,6 +40,10 @@ def define_flags():
                       'the fallback crop (the central expected face box)')
     flags.DEFINE_integer('workers', os.cpu_count() or 1, 'processes aligning in parallel')
     flags.DEFINE_integer('jpeg_quality', 95, 'JPEG quality of the packed crops')
+    flags.DEFINE_list('folds', None, 'only these protocol folds, e.g. 10 (1-based, file order '
+                      'kept): a held-out fold for a model trained on the others')
+    flags.DEFINE_bool('cropped', False, 'the photos are already face crops: take each whole photo '
+                      'as the face box (as align_faces.py --cropped does) instead of detecting')
     flags.mark_flags_as_required(['protocol', 'output_dir'])
 
 
@@ -53,11 +57,18 @@ def main(argv):
         raise UserError(f'--jpeg_quality must be in 1..100, got {FLAGS.jpeg_quality}')
     if not 0 <= FLAGS.pad <= 2:
         raise UserError(f'--pad must be in [0, 2] (a fraction of the longer side), got {FLAGS.pad}')
+    if FLAGS.cropped and FLAGS.landmarks:
+        raise UserError('--cropped takes each photo as the face box: drop --landmarks')
+    try:
+        folds = [int(k) for k in FLAGS.folds] if FLAGS.folds else None
+    except ValueError:
+        raise UserError(f'--folds takes fold numbers such as 10 or 1,2, got {FLAGS.folds}') from None
     from modules.verification_bin import make_verification_bin
     report = make_verification_bin(FLAGS.protocol, FLAGS.output_dir, images=FLAGS.images,
                                    pairs_path=FLAGS.pairs, root=FLAGS.root,
                                    landmarks_path=FLAGS.landmarks, pad=FLAGS.pad, fail=FLAGS.fail,
-                                   workers=FLAGS.workers, jpeg_quality=FLAGS.jpeg_quality)
+                                   workers=FLAGS.workers, jpeg_quality=FLAGS.jpeg_quality,
+                                   folds=folds, cropped=FLAGS.cropped)
     print(report.line())
     print(f'report: {report.report} ({len(report.rows)} photos not found by plain detection)')
 

@@ -33,7 +33,7 @@ PROTOCOLS = ('lfw', 'cfp_fp', 'cfp_ff')
 # MTCNN's box). CFP: the median MTCNN box on its photos (249 frontal: 0.715 x 0.862 at (0.498,
 # 0.450); 90 profile: 0.717 x 0.851 at (0.513, 0.450)): its photos are loose face crops.
 EXPECTED_BOX = {'lfw': (0.5, 0.5, 1 / 2.2, 1 / 2.2), 'cfp': (0.5, 0.45, 0.715, 0.86)}
-HOW = ('landmarks', 'detected', 'padded', 'fallback')
+HOW = ('landmarks', 'cropped', 'detected', 'padded', 'fallback')
 
 
 @dataclasses.dataclass
@@ -159,6 +159,19 @@ def read_cfp_pairs(root, protocol):
     return pairs
 
 
+def select_folds(pairs, folds, what):
+    """The PairList of only the protocol's folds numbered in `folds` (1-based, file order kept)."""
+    bad = [k for k in folds if not 1 <= k <= len(pairs.fold_sizes)]
+    if bad:
+        raise UserError(f'--folds {bad[0]}: {what} has folds 1..{len(pairs.fold_sizes)}')
+    starts = np.concatenate([[0], np.cumsum(pairs.fold_sizes)])
+    keep = [i for k in sorted(set(folds)) for i in range(starts[k - 1], starts[k])]
+    return PairList([p for i in keep for p in pairs.paths[2 * i:2 * i + 2]],
+                    [pairs.issame[i] for i in keep],
+                    [pairs.fold_sizes[k - 1] for k in sorted(set(folds))],
+                    [pairs.where[i] for i in keep])
+
+
 def check_folds(pairs, what):
     """UserError unless every fold has the same number of pairs (the evaluator's ten folds are
     contiguous and equal); a note when the protocol has another number of folds than ten."""
@@ -200,8 +213,10 @@ def read_landmarks(path, base):
 
 # ---------------------------------------------------------------------------------------------
 # Alignment of one photo (runs in worker processes)
-def pack_photo(path, landmarks=None, pad=0.25, fallback_box=None, fail=False, jpeg_quality=95):
-    """(JPEG bytes of the 112x112 crop, how it was found: one of HOW), or ('error', message)."""
+def pack_photo(path, landmarks=None, pad=0.25, fallback_box=None, fail=False, jpeg_quality=95,
+               cropped=False):
+    """(JPEG bytes of the 112x112 crop, how it was found: one of HOW), or ('error', message).
+    `cropped`: the photo is the face box (align_faces.py --cropped's crop)."""
     import cv2
 
     from modules.align import (
@@ -215,7 +230,9 @@ def pack_photo(path, landmarks=None, pad=0.25, fallback_box=None, fail=False, jp
     )
     try:
         image = read_photo(path)
-        if landmarks is not None:
+        if cropped:
+            crop, how = box_crop(image), 'cropped'
+        elif landmarks is not None:
             crop, how = align_face(image, landmarks), 'landmarks'
         else:
             face = find_face(image, pad)
@@ -302,12 +319,15 @@ class PackReport:
 
 def make_verification_bin(protocol, output_dir, images=None, pairs_path=None, root=None,
                           landmarks_path=None, pad=0.25, fail=False, workers=1, jpeg_quality=95,
-                          progress=True):
+                          progress=True, folds=None, cropped=False):
     """Align every photo of a protocol and write `<output_dir>/<protocol>.bin` (atomically) and
-    `<protocol>_report.csv` (each photo not found by plain detection, and how it was aligned)."""
+    `<protocol>_report.csv` (each photo not found by plain detection, and how it was aligned).
+    `folds`: only these protocol folds (1-based); `cropped`: every photo is its face box."""
     from tqdm import tqdm
     started = time.perf_counter()
     pairs, box_key, what = read_protocol(protocol, images, pairs_path, root)
+    if folds:
+        pairs = select_folds(pairs, folds, what)
     check_folds(pairs, what)
     check_photos(pairs, what)
     unique = list(dict.fromkeys(pairs.paths))
@@ -320,13 +340,13 @@ def make_verification_bin(protocol, output_dir, images=None, pairs_path=None, ro
                             + (f' ({len(absent) - 1} more photos without)' if len(absent) > 1
                                else '') + '; nothing written')
     args = [(path, None if points is None else points[os.path.normpath(path)], pad,
-             EXPECTED_BOX[box_key], fail, jpeg_quality) for path in unique]
+             EXPECTED_BOX[box_key], fail, jpeg_quality, cropped) for path in unique]
     crops, how, rows = {}, collections.Counter(), []
     pool = None
-    if workers > 1 and points is None and len(args) > 1:
+    if workers > 1 and points is None and not cropped and len(args) > 1:
         from modules.align import process_pool
         pool = process_pool(workers)
-    elif points is None:
+    elif points is None and not cropped:
         from modules.utils import quiet_tensorflow
         quiet_tensorflow()  # MTCNN runs in this process: TensorFlow without its start-up chatter
     try:

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from modules.align import ARCFACE_TEMPLATE, align_face, detect_faces, read_photo
+from modules.align import ARCFACE_TEMPLATE, align_face, box_crop, detect_faces, read_photo
 from modules.testsets import load_verification_set
 from modules.utils import UserError
 from modules.verification_bin import make_verification_bin, read_cfp_pairs, read_lfw_pairs
@@ -177,6 +177,24 @@ def test_cfp_pairs_by_landmarks_in_protocol_order(tmp_path, protocol):
             got = images[4 * fold + slot] * 255
             # Equal up to JPEG: the packed crop is the landmark alignment of the expected photo.
             assert np.abs(got - crop).mean() < 6, (protocol, fold, slot, rel)
+
+
+def test_held_out_folds_of_cropped_photos(tmp_path):
+    frontal, profile = make_cfp(tmp_path / 'cfp')
+    report = make_verification_bin('cfp_fp', str(tmp_path / 'out'), root=str(tmp_path / 'cfp'),
+                                   progress=False, folds=[10, 2], cropped=True)
+    assert report.how == {'cropped': 7} and report.pairs == 4
+    images, issame = load_verification_set(str(tmp_path / 'out'), 'cfp_fp')
+    np.testing.assert_array_equal(issame, [True, False, True, False])
+    # Fold 02 (person 1) before fold 10 (person 0): the file's order, each photo resized whole.
+    expected = [frontal[2], profile[1], frontal[3], profile[2],
+                frontal[0], profile[0], frontal[1], profile[1]]
+    for slot, rel in enumerate(expected):
+        crop = box_crop(read_photo(str(tmp_path / 'cfp' / rel)))
+        assert np.abs(images[slot] * 255 - crop).mean() < 6, (slot, rel)
+    with pytest.raises(UserError, match='--folds 11: .* has folds 1..10'):
+        make_verification_bin('cfp_fp', str(tmp_path / 'o2'), root=str(tmp_path / 'cfp'),
+                              progress=False, folds=[11], cropped=True)
 
 
 def test_missing_photo_is_one_line_exit_2_and_nothing_written(tmp_path):
