@@ -3,22 +3,16 @@
   nice -n 10 .venv/bin/python benchmarks/sweep_stage2_cfp.py --base_cfg BASE.yaml --sets cfp_fp,cfp_ff \
       [--rows 0,3] [--out logs/sweep_stage2]
 
-BASE.yaml is a stage-2 config whose train_dataset holds the training folds' identity folders,
-stage1_sub_name the backbone trained on them and test_dataset the held-out fold's .bin files
-(docs/training.md, "Stage 2 on real faces"). Every row of GRID overrides it; the embeddings of the
-training images (cache_embeddings) and of the test pairs are computed once. Per row and set:
-float (cosine), learned and seeded random IoM (accuracy, EER, TAR at FAR 1e-3), and on the learned
-codes eval_protection's measures (5 keys): key_change_ok, revocability, zero-effort, non-mated
-agreement; the evidence of the two key-independent terms (a trained bias; projection columns of
-unequal norms). Prints a markdown table and writes <out>/sweep.json.
-
-Data used for issue 31 (all derived files outside the repository): the 7,000 CFP photos cropped
-with data/align_faces.py --cropped (the photo is the face box: MTCNN ran at 1.3 s a photo on the
-shared machine); fold 10's 50 identities held out, the other 450 (6,300 crops) as identity folders
-for stage 2 and a binary TFRecord for stage 1 (MobileNetV2, batch 64, margin 0.3, scale 32,
-cosine lr 0.05); fold 10's FP pairs (Split/FP/10, image indices into Pair_list_F / Pair_list_P) as
-test_dataset/cfp_fp.bin. The base config: remark '1', batch_hard_arc_triplet_loss, m 256, q 8,
-30 x 4 PK batches, cache_embeddings, 500 steps.
+BASE.yaml (configs/cfp_stage2.yaml) gives the data: train_dataset holds the training folds'
+identity folders, stage1_sub_name the backbone trained on them, test_dataset the held-out fold's
+.bin files (docs/training.md, "Stage 2 on real faces (CFP)"). Every row starts from ROW_BASE
+(remark '1', batch_hard_arc_triplet_loss, m 256, q 8, 500 steps) and its own overrides, whatever
+BASE.yaml trains; the embeddings of the training images (cache_embeddings) and of the test pairs
+are computed once. Per row and set: float (cosine), learned and seeded random IoM (accuracy, EER,
+TAR at FAR 1e-3), and on the learned codes eval_protection's measures (5 keys): key_change_ok,
+revocability, zero-effort, non-mated agreement; the evidence of the key-independent terms (a
+trained bias; projection columns of unequal norms; a collapsed spectrum). Prints a markdown table
+and writes <out>/sweep.json.
 """
 import json
 import os
@@ -38,7 +32,9 @@ FLAGS = flags.FLAGS
 SEED_ARGS = {'iom_projection_bias': True, 'iom_orthogonal_groups': False, 'iom_tight_frame': False}
 NO_BIAS = {'iom_orthogonal_groups': False, 'iom_tight_frame': False}
 GROUPS = {'iom_tight_frame': False}
-GRID = [  # (label, overrides); the base config is remark '1', batch-hard arc, m 256, 500 steps
+ROW_BASE = {'hidden_layer_remark': '1', 'loss_fun': 'batch_hard_arc_triplet_loss', 'm': 256, 'q': 8,
+            'max_steps': 500, 'cache_embeddings': True}
+GRID = [  # (label, overrides of ROW_BASE)
     ('seed layer, lr 1.0', dict(SEED_ARGS, base_lr=1.0)),
     ('no bias, lr 1.0', dict(NO_BIAS, base_lr=1.0)),
     ('seed layer, lr 0.1', dict(SEED_ARGS, base_lr=0.1)),
@@ -196,7 +192,8 @@ def run_row(base, label, overrides, index, test, out):
     from modules.evaluations import pair_distances
     from modules.models import iom_codes, load_iom_model
     from modules.training import train_stage2
-    cfg = validate_config(dict(base, **overrides, sub_name=f"{base['sub_name']}_row{index}"),
+    cfg = validate_config({**base, **ROW_BASE, **overrides,
+                           'sub_name': f"{base['sub_name']}_row{index}"},
                           label, STAGE2_REQUIRED)
     shared = os.path.join(checkpoint_dir(base), 'embedding_cache.npz')
     shutil.rmtree(checkpoint_dir(cfg), ignore_errors=True)

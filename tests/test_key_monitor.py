@@ -218,15 +218,16 @@ def test_holdout_split_and_its_errors():
 
 
 def test_shipped_stage2_configs_are_checked_by_the_trainer():
-    """Every shipped stage-2 config trains without the key-independent bias and is monitored."""
+    """Every shipped stage-2 config trains without the key-independent terms and is monitored."""
     import glob
     import os
 
     from modules.config import load_config
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     paths = glob.glob(os.path.join(root, 'configs', 'config_*', '*.yaml')) + [
-        os.path.join(root, 'configs', 'quickstart_stage2.yaml')]
-    assert len(paths) >= 4
+        os.path.join(root, 'configs', name) for name in ('quickstart_stage2.yaml', 'cfp_stage2.yaml')]
+    assert len(paths) >= 5
     for path in paths:
         cfg = load_config(path, STAGE2_REQUIRED)
         assert not cfg['iom_projection_bias'] and cfg['monitor_holdout'] > 0, path
+        assert cfg['iom_orthogonal_groups'] and cfg['iom_tight_frame'], path
