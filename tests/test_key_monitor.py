@@ -231,3 +231,25 @@ def test_shipped_stage2_configs_are_checked_by_the_trainer():
         cfg = load_config(path, STAGE2_REQUIRED)
         assert not cfg['iom_projection_bias'] and cfg['monitor_holdout'] > 0, path
         assert cfg['iom_orthogonal_groups'] and cfg['iom_tight_frame'], path
+
+
+def test_switched_off_the_projection_is_the_seeds_and_codes_do_not_depend_on_the_switches():
+    x = tf.random.stateless_normal((16, 32), seed=(3, 4))
+    seed = IoMProjection(8, 8, seed=0, use_bias=True, orthogonal_groups=False, tight_frame=False)
+    plain = tf.keras.layers.Dense(64, use_bias=True, name='plain',
+                                  kernel_initializer=tf.keras.initializers.RandomNormal(0.0, 1.0, 0))
+    assert seed.kernel_constraint is None
+    for layer in (seed, plain):
+        layer(x)
+        optimizer = tf.keras.optimizers.SGD(1.0)
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.abs(layer(x)))
+        optimizer.apply_gradients(zip(tape.gradient(loss, layer.trainable_variables),
+                                      layer.trainable_variables))
+    np.testing.assert_array_equal(seed.kernel.numpy(), plain.kernel.numpy())
+    # Inference never applies the constraint: the same weights give the same codes either way.
+    fixed = IoMProjection(8, 8, seed=1, use_bias=True, orthogonal_groups=True, tight_frame=True)
+    fixed(x)
+    fixed.set_weights(seed.get_weights())
+    head = IoMHead(8, 8, name='IoMHead')
+    np.testing.assert_array_equal(head(seed(x)).numpy(), head(fixed(x)).numpy())
