@@ -324,7 +324,6 @@ def iom_hidden_layers(remark, name_prefix=''):
     return out
 
 
-@tf.keras.utils.register_keras_serializable(package='iomface')
 def tight_frame(w):
     """The nearest (d, n) kernel, d <= n, whose rows are orthogonal and of one norm (W W^T = s^2 I,
     s the mean singular value): (W W^T)^(-1/2) W rescaled, from the eigenvectors of W W^T."""
@@ -333,6 +332,7 @@ def tight_frame(w):
     return tf.matmul(u * (tf.reduce_mean(s) / s), tf.matmul(u, w, transpose_a=True))
 
 
+@tf.keras.utils.register_keras_serializable(package='iomface')
 class IoMKernelConstraint(tf.keras.constraints.Constraint):
     """Keeps a (d, m*q) IoM kernel shaped like a random one, after every update: `tight_frame`
     makes it a tight frame first (tight_frame; when d <= m*q), `orthogonal_groups` then replaces

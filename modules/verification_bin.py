@@ -164,11 +164,11 @@ def select_folds(pairs, folds, what):
     bad = [k for k in folds if not 1 <= k <= len(pairs.fold_sizes)]
     if bad:
         raise UserError(f'--folds {bad[0]}: {what} has folds 1..{len(pairs.fold_sizes)}')
+    folds = sorted(set(folds))
     starts = np.concatenate([[0], np.cumsum(pairs.fold_sizes)])
-    keep = [i for k in sorted(set(folds)) for i in range(starts[k - 1], starts[k])]
+    keep = [i for k in folds for i in range(starts[k - 1], starts[k])]
     return PairList([p for i in keep for p in pairs.paths[2 * i:2 * i + 2]],
-                    [pairs.issame[i] for i in keep],
-                    [pairs.fold_sizes[k - 1] for k in sorted(set(folds))],
+                    [pairs.issame[i] for i in keep], [pairs.fold_sizes[k - 1] for k in folds],
                     [pairs.where[i] for i in keep])
 
 
@@ -343,10 +343,11 @@ def make_verification_bin(protocol, output_dir, images=None, pairs_path=None, ro
              EXPECTED_BOX[box_key], fail, jpeg_quality, cropped) for path in unique]
     crops, how, rows = {}, collections.Counter(), []
     pool = None
-    if workers > 1 and points is None and not cropped and len(args) > 1:
+    detects = points is None and not cropped  # MTCNN runs only when it has to find the faces
+    if workers > 1 and detects and len(args) > 1:
         from modules.align import process_pool
         pool = process_pool(workers)
-    elif points is None and not cropped:
+    elif detects:
         from modules.utils import quiet_tensorflow
         quiet_tensorflow()  # MTCNN runs in this process: TensorFlow without its start-up chatter
     try:

@@ -22,6 +22,13 @@ def clustered(num_ids=20, per_id=5, d=32, seed=0):
     return (centres[labels] + 0.3 * rng.standard_normal((labels.size, d))).astype(np.float32), labels
 
 
+def new_monitor(**overrides):
+    """A KeyChangeMonitor of CFG (with `overrides`) on the clustered embeddings."""
+    emb, labels = clustered()
+    return KeyChangeMonitor(validate_config(dict(CFG, **overrides), 'mon', STAGE2_REQUIRED), emb,
+                            labels)
+
+
 def stack(m=64, q=8, d=32, use_bias=True, bias_scale=0.0, seed=1):
     """perm -> projection -> head, built, with the bias drawn at `bias_scale`."""
     layers = [PermLayer(None, name='perm_layer'), IoMProjection(m, q, seed=seed, use_bias=use_bias),
@@ -47,9 +54,7 @@ class _State:
 
 
 def test_monitor_fires_on_a_biased_head_and_stays_quiet_on_a_random_one(capsys):
-    cfg = validate_config(dict(CFG, stop_on_key_change_fail=True), 'mon', STAGE2_REQUIRED)
-    emb, labels = clustered()
-    monitor = KeyChangeMonitor(cfg, emb, labels)
+    monitor = new_monitor(stop_on_key_change_fail=True)
     quiet = monitor.run(_State(), stack(use_bias=False))
     assert quiet['key_change_ok'], quiet['key_change_problems']
     assert abs(quiet['nonmated_agreement_new_keys'] - 1 / 8) < 0.01
@@ -65,9 +70,7 @@ def test_monitor_fires_on_a_biased_head_and_stays_quiet_on_a_random_one(capsys):
 
 
 def test_monitor_warns_without_stopping_by_default(capsys):
-    cfg = validate_config(CFG, 'mon', STAGE2_REQUIRED)
-    emb, labels = clustered()
-    result = KeyChangeMonitor(cfg, emb, labels).run(_State(), stack(bias_scale=50.0))
+    result = new_monitor().run(_State(), stack(bias_scale=50.0))
     assert not result['key_change_ok']
     assert 'no longer key-dependent' in capsys.readouterr().out
 
@@ -99,9 +102,7 @@ def _one_subspace(g):
 
 @pytest.mark.parametrize('edit', [_outsized, _odd_one_out])
 def test_key_independent_kernels_are_caught_and_the_kernel_constraint_removes_them(edit):
-    cfg = validate_config(CFG, 'mon', STAGE2_REQUIRED)
-    emb, labels = clustered()
-    monitor = KeyChangeMonitor(cfg, emb, labels)
+    monitor = new_monitor()
     layers = stack(use_bias=False)
     kernel = _grouped_kernel(layers, edit)
     layers[1].kernel.assign(kernel)
@@ -116,9 +117,7 @@ def test_key_independent_kernels_are_caught_and_the_kernel_constraint_removes_th
 
 
 def test_a_collapsed_kernel_needs_the_tight_frame_not_only_orthonormal_groups():
-    cfg = validate_config(CFG, 'mon', STAGE2_REQUIRED)
-    emb, labels = clustered()
-    monitor = KeyChangeMonitor(cfg, emb, labels)
+    monitor = new_monitor()
     layers = stack(use_bias=False)
     kernel = tf.constant(_grouped_kernel(layers, _one_subspace))
     layers[1].kernel.assign(IoMKernelConstraint(8, tight_frame=False)(kernel))
@@ -146,9 +145,7 @@ def test_orthogonal_groups_and_tight_frame_hold_through_training_steps():
 
 
 def test_the_final_check_does_not_repeat_the_last_steps(capsys):
-    cfg = validate_config(CFG, 'mon', STAGE2_REQUIRED)
-    emb, labels = clustered()
-    monitor, state, layers = KeyChangeMonitor(cfg, emb, labels), _State(), stack(use_bias=False)
+    monitor, state, layers = new_monitor(), _State(), stack(use_bias=False)
     monitor.run(state, layers)
     monitor.run(state, layers, final=True)
     assert capsys.readouterr().out.count('[monitor step 7]') == 1
